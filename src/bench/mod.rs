@@ -1,0 +1,3 @@
+//! The project's own benchmark commands (`crm-sync bench ...`): they print figures; tests never time.
+
+pub mod queue;

@@ -1,0 +1,444 @@
+//! The `crm-sync` command line. Command names and flags are part of the external contract.
+
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::bench;
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::pipeline::{Executor, registry};
+use crate::queue::{self, Trigger};
+use crate::telemetry::{self, LogFormat};
+use crate::worker::{Worker, WorkerOptions};
+use crate::{db, history};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "crm-sync",
+    version,
+    about = "Scheduled CRM-to-warehouse syncs on a durable PostgreSQL job queue",
+    after_help = "Examples:\n  crm-sync --config crm-sync.toml migrate\n  crm-sync serve\n  crm-sync run ezfocus_accounts --wait\n  crm-sync runs --status failed\n  crm-sync retry 0b6c2f1e-...\n\nDATABASE_URL overrides the config's database_url."
+)]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, global = true, env = "CRM_SYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        env = "CRM_SYNC_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create or upgrade the crm_sync schema.
+    #[command(
+        after_help = "Example:\n  DATABASE_URL=postgres://postgres@127.0.0.1/crm_sync crm-sync migrate"
+    )]
+    Migrate,
+    /// Run the service: workers now; the HTTP API and the scheduler join as they land.
+    #[command(after_help = "Example:\n  crm-sync --config crm-sync.toml serve --concurrency 16")]
+    Serve {
+        /// Do not run workers in this process.
+        #[arg(long)]
+        no_workers: bool,
+        /// Steps run at once (overrides [worker] concurrency).
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Run only a worker: claim and run steps until SIGTERM.
+    #[command(after_help = "Example:\n  crm-sync worker --concurrency 4")]
+    Worker {
+        /// Steps run at once (overrides [worker] concurrency).
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Enqueue a run of a pipeline.
+    #[command(
+        after_help = "Examples:\n  crm-sync run ezfocus_accounts\n  crm-sync run noop --wait --params '{\"sleep_ms\": 500}'"
+    )]
+    Run {
+        /// The pipeline's name.
+        name: String,
+        /// Wait until the run finishes; exit non-zero unless it succeeded.
+        #[arg(long)]
+        wait: bool,
+        /// Run parameters, a JSON object.
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// Repeating a call with the same key returns the same run instead of a new one.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        wait_opts: WaitOpts,
+    },
+    /// List runs, newest first.
+    #[command(
+        after_help = "Examples:\n  crm-sync runs\n  crm-sync runs --pipeline ezfocus_accounts --status failed --json"
+    )]
+    Runs {
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// queued, running, succeeded, failed or cancelled.
+        #[arg(long, value_parser = ["queued", "running", "succeeded", "failed", "cancelled"])]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one run: steps, attempts, outputs and errors.
+    #[command(after_help = "Example:\n  crm-sync show 0b6c2f1e-8c1d-4d4e-9a53-3f1f2d7b9e10 --json")]
+    Show {
+        run_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a failed or cancelled run from the step that failed, in the same batch.
+    #[command(
+        after_help = "Example:\n  crm-sync retry 0b6c2f1e-8c1d-4d4e-9a53-3f1f2d7b9e10 --wait"
+    )]
+    Retry {
+        run_id: String,
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        wait_opts: WaitOpts,
+    },
+    /// Run a run's pipeline again from scratch, as a new batch with the same parameters.
+    #[command(after_help = "Example:\n  crm-sync rerun 0b6c2f1e-8c1d-4d4e-9a53-3f1f2d7b9e10")]
+    Rerun {
+        run_id: String,
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        wait_opts: WaitOpts,
+    },
+    /// Cancel a queued or running run.
+    #[command(after_help = "Example:\n  crm-sync cancel 0b6c2f1e-8c1d-4d4e-9a53-3f1f2d7b9e10")]
+    Cancel { run_id: String },
+    /// Validate the config file and report every problem with its line.
+    #[command(
+        name = "check-config",
+        after_help = "Example:\n  crm-sync --config crm-sync.toml check-config"
+    )]
+    CheckConfig,
+    /// The project's own benchmarks; they print figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+struct WaitOpts {
+    /// With --wait: give up after this long (e.g. 10m).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    wait_timeout: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Queue throughput and enqueue-to-start latency with no-op runs.
+    #[command(
+        after_help = "Examples:\n  crm-sync bench queue --jobs 20000 --concurrency 200\n  crm-sync bench queue --latency --samples 200"
+    )]
+    Queue(bench::queue::QueueBenchArgs),
+}
+
+/// Parses arguments, runs the command, and maps the outcome to an exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let explicit = cli.config != std::path::Path::new(DEFAULT_CONFIG_PATH);
+    Config::load(&cli.config, explicit).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+}
+
+async fn connect(config: &Config) -> anyhow::Result<PgPool> {
+    db::connect(
+        config.require_database_url()?,
+        config.worker.max_connections,
+    )
+    .await
+}
+
+/// Connects, checks the schema is current, and registers the config's pipelines.
+async fn connect_ready(config: &Config) -> anyhow::Result<PgPool> {
+    let pool = connect(config).await?;
+    if !db::migrations_current(&pool).await? {
+        bail!("the database schema is missing or outdated: run `crm-sync migrate` first");
+    }
+    registry::sync(&pool, config)
+        .await
+        .context("registering the config's pipelines")?;
+    Ok(pool)
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::CheckConfig = cli.command {
+        return Ok(check_config(&cli));
+    }
+    let config = load_config(&cli)?;
+    match cli.command {
+        Command::CheckConfig => unreachable!("handled above"),
+        Command::Migrate => {
+            let pool = connect(&config).await?;
+            db::migrate(&pool).await?;
+            println!("migrations applied; schema crm_sync is current");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve {
+            no_workers,
+            concurrency,
+        } => {
+            if no_workers {
+                bail!(
+                    "nothing to serve: the HTTP API and scheduler are not part of this build yet, and --no-workers disables the workers"
+                );
+            }
+            run_worker(config, concurrency).await
+        }
+        Command::Worker { concurrency } => run_worker(config, concurrency).await,
+        Command::Run {
+            name,
+            wait,
+            params,
+            idempotency_key,
+            wait_opts,
+        } => {
+            let params: serde_json::Value = serde_json::from_str(&params)
+                .with_context(|| format!("--params is not valid JSON: {params}"))?;
+            if !params.is_object() {
+                bail!("--params must be a JSON object, such as '{{\"sleep_ms\": 100}}'");
+            }
+            let pool = connect_ready(&config).await?;
+            let id = queue::enqueue(
+                &pool,
+                &name,
+                &params,
+                idempotency_key.as_deref(),
+                Trigger::Cli,
+            )
+            .await?;
+            println!("{id}");
+            finish_or_wait(&pool, id, wait, &wait_opts).await
+        }
+        Command::Runs {
+            pipeline,
+            status,
+            limit,
+            json,
+        } => {
+            let pool = connect(&config).await?;
+            let filter = history::RunFilter {
+                pipeline,
+                status,
+                before: None,
+                limit,
+            };
+            let runs = history::list_runs(&pool, &filter).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else {
+                output::print_runs(&runs);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { run_id, json } => {
+            let pool = connect(&config).await?;
+            let id = parse_run_id(&run_id)?;
+            let Some(detail) = history::run_detail(&pool, id).await? else {
+                bail!("run {id} not found");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&detail)?);
+            } else {
+                output::print_run(&detail);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Retry {
+            run_id,
+            wait,
+            wait_opts,
+        } => {
+            let pool = connect_ready(&config).await?;
+            let new = queue::retry(&pool, parse_run_id(&run_id)?).await?;
+            println!("{new}");
+            finish_or_wait(&pool, new, wait, &wait_opts).await
+        }
+        Command::Rerun {
+            run_id,
+            wait,
+            wait_opts,
+        } => {
+            let pool = connect_ready(&config).await?;
+            let new = queue::rerun(&pool, parse_run_id(&run_id)?, Trigger::Cli).await?;
+            println!("{new}");
+            finish_or_wait(&pool, new, wait, &wait_opts).await
+        }
+        Command::Cancel { run_id } => {
+            let pool = connect(&config).await?;
+            let id = parse_run_id(&run_id)?;
+            queue::cancel(&pool, id).await?;
+            println!("run {id} cancelled");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Queue(args)) => {
+            let pool = connect(&config).await?;
+            if !db::migrations_current(&pool).await? {
+                bail!("the database schema is missing or outdated: run `crm-sync migrate` first");
+            }
+            bench::queue::run(&config, pool, &args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check_config(cli: &Cli) -> ExitCode {
+    let explicit = cli.config != std::path::Path::new(DEFAULT_CONFIG_PATH);
+    match Config::load(&cli.config, explicit) {
+        Ok(config) => {
+            let from = config
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| format!("(no file at {DEFAULT_CONFIG_PATH})"));
+            println!("{from}: OK, {} pipeline(s)", config.pipelines.len());
+            for p in &config.pipelines {
+                println!(
+                    "  {:<24} steps: {}; schedule: {} ({}); max_attempts {}; step_timeout {}{}",
+                    p.name,
+                    p.step_names().join(" -> "),
+                    p.schedule.as_deref().unwrap_or("manual only"),
+                    p.timezone,
+                    p.max_attempts,
+                    humantime::format_duration(p.step_timeout),
+                    if p.enabled { "" } else { "; disabled" },
+                );
+            }
+            if config.database_url.is_none() {
+                println!("note: no database_url in the file and DATABASE_URL is not set");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprint!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_run_id(s: &str) -> anyhow::Result<Uuid> {
+    s.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "\"{s}\" is not a run id (a UUID such as 0b6c2f1e-8c1d-4d4e-9a53-3f1f2d7b9e10)"
+        )
+    })
+}
+
+async fn run_worker(config: Config, concurrency: Option<usize>) -> anyhow::Result<ExitCode> {
+    let mut config = config;
+    if let Some(c) = concurrency {
+        if c == 0 {
+            bail!("--concurrency must be at least 1");
+        }
+        config.worker.concurrency = c;
+    }
+    let pool = connect_ready(&config).await?;
+    let opts = WorkerOptions::from_config(&config.worker);
+    let config = Arc::new(config);
+    let worker = Worker::new(pool.clone(), Executor::new(config), opts);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    worker.run(shutdown).await?;
+    pool.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM or Ctrl-C: stop claiming and shut down gracefully.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+    shutdown.cancel();
+}
+
+async fn finish_or_wait(
+    pool: &PgPool,
+    id: Uuid,
+    wait: bool,
+    opts: &WaitOpts,
+) -> anyhow::Result<ExitCode> {
+    if !wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let deadline = tokio::time::Instant::now() + opts.wait_timeout;
+    loop {
+        let Some((status, error)) = history::run_status(pool, id).await? else {
+            bail!("run {id} disappeared while waiting");
+        };
+        match status.as_str() {
+            "succeeded" => {
+                eprintln!("run {id} succeeded");
+                return Ok(ExitCode::SUCCESS);
+            }
+            "failed" | "cancelled" => {
+                eprintln!("run {id} {status}: {}", error.unwrap_or_default());
+                return Ok(ExitCode::FAILURE);
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "run {id} is still {status} after {}",
+                humantime::format_duration(opts.wait_timeout)
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

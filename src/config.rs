@@ -1,0 +1,562 @@
+//! The TOML config file: database, server, worker settings and the `[[pipelines]]`.
+//!
+//! Loading validates the whole file and reports every problem at once, each with its line and the
+//! pipeline it belongs to, so `crm-sync check-config` is one round of fixes rather than one per error.
+//! Secrets never live here: the only connection string that may appear is `database_url`, and the
+//! `DATABASE_URL` environment variable overrides it.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Where the config file is looked for when neither `--config` nor `CRM_SYNC_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "./crm-sync.toml";
+
+/// The whole, validated configuration of a crm-sync process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (for messages); `None` when no file was found at the default path.
+    pub path: Option<PathBuf>,
+    /// Connection string of the crm-sync database (`DATABASE_URL` wins over the file).
+    pub database_url: Option<String>,
+    pub server: ServerConfig,
+    pub worker: WorkerConfig,
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the admin API, metrics and console.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// How a worker process claims and runs steps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Steps run at once by one worker process.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// How long a claimed step stays ours without a heartbeat; a dead worker's steps are re-queued
+    /// after this. Heartbeats renew it every third of it.
+    #[serde(default = "default_lease", deserialize_with = "duration")]
+    pub lease: Duration,
+    /// Fallback polling interval when no NOTIFY arrives (retries that come due, lost notifications).
+    #[serde(default = "default_poll_interval", deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    /// On SIGTERM, how long in-flight steps may take to finish before they are released to the queue.
+    #[serde(default = "default_shutdown_grace", deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Most steps claimed or completed in one round trip.
+    #[serde(default = "default_claim_batch")]
+    pub claim_batch: usize,
+    /// Connections in this process's pool.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: default_concurrency(),
+            lease: default_lease(),
+            poll_interval: default_poll_interval(),
+            shutdown_grace: default_shutdown_grace(),
+            claim_batch: default_claim_batch(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn default_concurrency() -> usize {
+    8
+}
+fn default_lease() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_claim_batch() -> usize {
+    100
+}
+fn default_max_connections() -> u32 {
+    10
+}
+
+/// One `[[pipelines]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub name: String,
+    /// Cron expression; no schedule means the pipeline runs only when asked.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// IANA time zone the schedule is read in.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// A disabled pipeline is neither scheduled nor accepted for new runs.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Attempts per step before the run fails (retryable errors only; terminal errors fail at once).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_step_timeout", deserialize_with = "duration")]
+    pub step_timeout: Duration,
+    /// First retry delay; doubles per attempt with jitter, capped by `retry_backoff_max`.
+    #[serde(default = "default_retry_backoff", deserialize_with = "duration")]
+    pub retry_backoff: Duration,
+    #[serde(default = "default_retry_backoff_max", deserialize_with = "duration")]
+    pub retry_backoff_max: Duration,
+    /// Runs of this pipeline active at once (1 keeps two full refreshes from racing); 0 = no limit.
+    #[serde(default = "default_max_concurrent_runs")]
+    pub max_concurrent_runs: u32,
+    /// A pipeline whose last success is older than this is reported stale.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub freshness_sla: Option<Duration>,
+    pub source: SourceConfig,
+}
+
+fn default_timezone() -> String {
+    "UTC".to_string()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_step_timeout() -> Duration {
+    Duration::from_secs(9 * 60)
+}
+fn default_retry_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_backoff_max() -> Duration {
+    Duration::from_secs(10 * 60)
+}
+fn default_max_concurrent_runs() -> u32 {
+    1
+}
+
+/// Where a pipeline's data comes from; `kind` selects the variant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Runs only no-op steps: the smoke-test and benchmark pipeline.
+    Noop(crate::sources::noop::NoopConfig),
+}
+
+impl PipelineConfig {
+    /// The names of this pipeline's steps, in order.
+    pub fn step_names(&self) -> Vec<String> {
+        crate::pipeline::step_names(self)
+    }
+}
+
+/// One problem found in the config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    /// What it is about: `pipelines[1] "accounts".max_attempts`, `worker`, ...
+    pub location: String,
+    pub message: String,
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors {
+    pub path: PathBuf,
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.issues.len();
+        writeln!(
+            f,
+            "{}: {n} problem{} found",
+            self.path.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for issue in &self.issues {
+            let at = match issue.line {
+                Some(line) => format!("{}:{line}", self.path.display()),
+                None => self.path.display().to_string(),
+            };
+            writeln!(f, "  {at}: {}: {}", issue.location, issue.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Loads the config file at `path`. A missing file is an error only when `explicit` (the user
+    /// named it); at the default path it means "no pipelines", which suits `migrate` and friends.
+    /// `DATABASE_URL` from the environment overrides the file's `database_url`.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigErrors> {
+        let env_url = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty());
+        let mut config = match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Config {
+                path: None,
+                database_url: None,
+                server: ServerConfig::default(),
+                worker: WorkerConfig::default(),
+                pipelines: Vec::new(),
+            },
+            Err(e) => {
+                return Err(ConfigErrors {
+                    path: path.to_path_buf(),
+                    issues: vec![ConfigIssue {
+                        line: None,
+                        location: "file".into(),
+                        message: format!("cannot read the config file: {e}"),
+                    }],
+                });
+            }
+        };
+        if env_url.is_some() {
+            config.database_url = env_url;
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+        let mut issues = Vec::new();
+        let fail = |issues: Vec<ConfigIssue>| ConfigErrors {
+            path: path.to_path_buf(),
+            issues,
+        };
+
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let line = e.span().map(|s| line_of(text, s.start));
+                return Err(fail(vec![ConfigIssue {
+                    line,
+                    location: "syntax".into(),
+                    message: e.message().trim().to_string(),
+                }]));
+            }
+        };
+
+        let server = section::<ServerConfig>(raw.server, text, "server", &mut issues);
+        let worker = section::<WorkerConfig>(raw.worker, text, "worker", &mut issues);
+        if let Some(w) = &worker {
+            check_worker(w, &mut issues);
+        }
+
+        let mut pipelines = Vec::new();
+        let mut seen = HashSet::new();
+        for (index, table) in raw.pipelines.into_iter().enumerate() {
+            let line = Some(line_of(text, table.span().start));
+            let table = table.into_inner();
+            let label = match table.get("name").and_then(|v| v.as_str()) {
+                Some(name) => format!("pipelines[{index}] \"{name}\""),
+                None => format!("pipelines[{index}]"),
+            };
+            match PipelineConfig::deserialize(toml::Value::Table(table)) {
+                Ok(p) => {
+                    let before = issues.len();
+                    check_pipeline(&p, &label, line, &mut issues);
+                    if !seen.insert(p.name.clone()) {
+                        issues.push(ConfigIssue {
+                            line,
+                            location: format!("{label}.name"),
+                            message: format!("pipeline name \"{}\" is used more than once", p.name),
+                        });
+                    }
+                    if issues.len() == before {
+                        pipelines.push(p);
+                    }
+                }
+                Err(e) => issues.push(ConfigIssue {
+                    line,
+                    location: label,
+                    message: e.message().trim().to_string(),
+                }),
+            }
+        }
+
+        if !issues.is_empty() {
+            return Err(fail(issues));
+        }
+        Ok(Config {
+            path: Some(path.to_path_buf()),
+            database_url: raw.database_url,
+            server: server.unwrap_or_default(),
+            worker: worker.unwrap_or_default(),
+            pipelines,
+        })
+    }
+
+    /// The pipeline called `name`, if configured.
+    pub fn pipeline(&self, name: &str) -> Option<&PipelineConfig> {
+        self.pipelines.iter().find(|p| p.name == name)
+    }
+
+    /// The database URL, or an error saying where to set it.
+    pub fn require_database_url(&self) -> anyhow::Result<&str> {
+        self.database_url.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "no database configured: set DATABASE_URL or database_url in {}",
+                self.path
+                    .as_deref()
+                    .unwrap_or(Path::new(DEFAULT_CONFIG_PATH))
+                    .display()
+            )
+        })
+    }
+}
+
+/// The file's top level, with each section kept raw so that each is checked on its own and every
+/// problem is reported, not just the first.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database_url: Option<String>,
+    server: Option<toml::Spanned<toml::Table>>,
+    worker: Option<toml::Spanned<toml::Table>>,
+    #[serde(default)]
+    pipelines: Vec<toml::Spanned<toml::Table>>,
+}
+
+fn section<T: for<'de> Deserialize<'de>>(
+    raw: Option<toml::Spanned<toml::Table>>,
+    text: &str,
+    name: &str,
+    issues: &mut Vec<ConfigIssue>,
+) -> Option<T> {
+    let raw = raw?;
+    let line = Some(line_of(text, raw.span().start));
+    match T::deserialize(toml::Value::Table(raw.into_inner())) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            issues.push(ConfigIssue {
+                line,
+                location: name.to_string(),
+                message: e.message().trim().to_string(),
+            });
+            None
+        }
+    }
+}
+
+fn check_worker(w: &WorkerConfig, issues: &mut Vec<ConfigIssue>) {
+    let mut bad = |field: &str, message: &str| {
+        issues.push(ConfigIssue {
+            line: None,
+            location: format!("worker.{field}"),
+            message: message.to_string(),
+        })
+    };
+    if w.concurrency == 0 || w.concurrency > 10_000 {
+        bad("concurrency", "must be between 1 and 10000");
+    }
+    if w.claim_batch == 0 || w.claim_batch > 10_000 {
+        bad("claim_batch", "must be between 1 and 10000");
+    }
+    if w.lease < Duration::from_millis(300) {
+        bad(
+            "lease",
+            "must be at least 300ms (heartbeats renew it every third)",
+        );
+    }
+    if w.poll_interval.is_zero() {
+        bad("poll_interval", "must be greater than zero");
+    }
+    if w.max_connections < 2 {
+        bad(
+            "max_connections",
+            "must be at least 2 (one for LISTEN, one for queries)",
+        );
+    }
+}
+
+fn check_pipeline(
+    p: &PipelineConfig,
+    label: &str,
+    line: Option<usize>,
+    issues: &mut Vec<ConfigIssue>,
+) {
+    let mut bad = |field: &str, message: String| {
+        issues.push(ConfigIssue {
+            line,
+            location: format!("{label}.{field}"),
+            message,
+        })
+    };
+    let name_ok = !p.name.is_empty()
+        && p.name.len() <= 64
+        && p.name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !name_ok {
+        bad(
+            "name",
+            format!(
+                "\"{}\" is not a valid pipeline name (1-64 characters: letters, digits, '_', '-', '.')",
+                p.name
+            ),
+        );
+    }
+    if p.max_attempts == 0 || p.max_attempts > 100 {
+        bad("max_attempts", "must be between 1 and 100".into());
+    }
+    if p.step_timeout.is_zero() {
+        bad("step_timeout", "must be greater than zero".into());
+    }
+    if p.retry_backoff > p.retry_backoff_max {
+        bad(
+            "retry_backoff",
+            "must not be larger than retry_backoff_max".into(),
+        );
+    }
+    if p.timezone.parse::<chrono_tz::Tz>().is_err() {
+        bad(
+            "timezone",
+            format!(
+                "unknown time zone \"{}\" (use an IANA name such as America/Toronto)",
+                p.timezone
+            ),
+        );
+    }
+    if let Some(schedule) = &p.schedule
+        && schedule.trim().is_empty()
+    {
+        bad(
+            "schedule",
+            "must not be empty (leave it out for manual-only pipelines)".into(),
+        );
+    }
+    match &p.source {
+        SourceConfig::Noop(noop) => {
+            if let Err(message) = noop.check() {
+                bad("source", message);
+            }
+        }
+    }
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Durations are written the human way: "9m", "30s", "250ms", "1h 30m".
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration \"{s}\": {e} (write e.g. \"30s\", \"9m\", \"250ms\")"
+        ))
+    })
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_noop_pipeline_gets_defaults() {
+        let c = parse("[[pipelines]]\nname = \"noop\"\nsource = { kind = \"noop\" }\n").unwrap();
+        let p = &c.pipelines[0];
+        assert_eq!(p.max_attempts, 5);
+        assert_eq!(p.step_timeout, Duration::from_secs(540));
+        assert_eq!(p.max_concurrent_runs, 1);
+        assert_eq!(p.step_names(), vec!["noop"]);
+        assert_eq!(c.worker.concurrency, 8);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let text = r#"
+[worker]
+concurrency = 0
+
+[[pipelines]]
+name = "a"
+max_attempts = 0
+timezone = "Mars/Olympus"
+source = { kind = "noop" }
+
+[[pipelines]]
+name = "b"
+step_timeout = "soon"
+source = { kind = "noop" }
+
+[[pipelines]]
+name = "a"
+source = { kind = "carrier-pigeon" }
+"#;
+        let err = parse(text).unwrap_err();
+        let shown = err.to_string();
+        assert!(shown.contains("worker.concurrency"), "{shown}");
+        assert!(
+            shown.contains("test.toml:5: pipelines[0] \"a\".max_attempts"),
+            "{shown}"
+        );
+        assert!(shown.contains("Mars/Olympus"), "{shown}");
+        assert!(
+            shown.contains("test.toml:11: pipelines[1] \"b\""),
+            "{shown}"
+        );
+        assert!(shown.contains("invalid duration \"soon\""), "{shown}");
+        assert!(shown.contains("carrier-pigeon"), "{shown}");
+        assert_eq!(err.issues.len(), 5, "{shown}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let err = parse("[[pipelines]]\nname = \"x\nsource = 1\n").unwrap_err();
+        assert_eq!(err.issues[0].location, "syntax");
+        assert_eq!(err.issues[0].line, Some(2), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = parse("databse_url = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("databse_url"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        let one = "[[pipelines]]\nname = \"x\"\nsource = { kind = \"noop\" }\n";
+        let err = parse(&format!("{one}{one}")).unwrap_err();
+        assert!(err.to_string().contains("used more than once"), "{err}");
+    }
+}

@@ -1,0 +1,149 @@
+//! Read-side queries over the run log: runs, their steps and every attempt.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// One run as listed by `crm-sync runs` and `GET /api/runs`.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct RunSummary {
+    pub id: Uuid,
+    pub pipeline: String,
+    pub batch_id: String,
+    pub trigger: String,
+    pub status: String,
+    pub params: Value,
+    pub retry_of: Option<Uuid>,
+    pub rerun_of: Option<Uuid>,
+    pub scheduled_for: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+}
+
+impl RunSummary {
+    /// Seconds from start to finish (or until now while running).
+    pub fn duration_secs(&self) -> Option<f64> {
+        let start = self.started_at?;
+        let end = self.finished_at.unwrap_or_else(Utc::now);
+        Some((end - start).num_milliseconds() as f64 / 1000.0)
+    }
+}
+
+/// One step of a run, with its attempts.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StepRecord {
+    pub id: i64,
+    pub name: String,
+    pub position: i32,
+    pub status: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub reused_from_run: Option<Uuid>,
+    #[sqlx(skip)]
+    pub attempt_log: Vec<AttemptRecord>,
+}
+
+/// One attempt at a step: who ran it, when, and how it ended.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AttemptRecord {
+    #[serde(skip)]
+    pub step_id: i64,
+    pub attempt: i32,
+    pub worker_id: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+/// A run with everything known about it (`crm-sync show`, `GET /api/runs/{id}`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunDetail {
+    #[serde(flatten)]
+    pub run: RunSummary,
+    pub steps: Vec<StepRecord>,
+}
+
+/// Filters for [`list_runs`].
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub pipeline: Option<String>,
+    pub status: Option<String>,
+    /// Only runs created before this instant (paging, newest first).
+    pub before: Option<DateTime<Utc>>,
+    pub limit: i64,
+}
+
+const RUN_COLUMNS: &str = "id, pipeline, batch_id, trigger, status, params, retry_of, rerun_of, scheduled_for, \
+                           created_at, started_at, finished_at, error";
+
+/// Runs, newest first.
+pub async fn list_runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunSummary>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {RUN_COLUMNS} FROM crm_sync.runs
+          WHERE ($1::text IS NULL OR pipeline = $1)
+            AND ($2::text IS NULL OR status = $2)
+            AND ($3::timestamptz IS NULL OR created_at < $3)
+          ORDER BY created_at DESC, id DESC
+          LIMIT $4"
+    )))
+    .bind(&filter.pipeline)
+    .bind(&filter.status)
+    .bind(filter.before)
+    .bind(filter.limit.clamp(1, 1000))
+    .fetch_all(pool)
+    .await
+}
+
+/// One run with its steps and attempts; `None` if there is no such run.
+pub async fn run_detail(pool: &PgPool, id: Uuid) -> Result<Option<RunDetail>, sqlx::Error> {
+    let Some(run) = sqlx::query_as::<_, RunSummary>(sqlx::AssertSqlSafe(format!(
+        "SELECT {RUN_COLUMNS} FROM crm_sync.runs WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let mut steps: Vec<StepRecord> = sqlx::query_as(
+        "SELECT id, name, position, status, attempts, max_attempts, started_at, finished_at, output, error,
+                reused_from_run
+           FROM crm_sync.steps WHERE run_id = $1 ORDER BY position",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    let attempts: Vec<AttemptRecord> = sqlx::query_as(
+        "SELECT step_id, attempt, worker_id, started_at, finished_at, outcome, error
+           FROM crm_sync.attempts WHERE run_id = $1 ORDER BY step_id, fence",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    for attempt in attempts {
+        if let Some(step) = steps.iter_mut().find(|s| s.id == attempt.step_id) {
+            step.attempt_log.push(attempt);
+        }
+    }
+    Ok(Some(RunDetail { run, steps }))
+}
+
+/// Just the status of a run (for `run --wait`).
+pub async fn run_status(
+    pool: &PgPool,
+    id: Uuid,
+) -> Result<Option<(String, Option<String>)>, sqlx::Error> {
+    sqlx::query_as("SELECT status, error FROM crm_sync.runs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}

@@ -1,0 +1,24 @@
+//! crm-sync: scheduled CRM-to-warehouse syncs on a durable job queue kept in PostgreSQL.
+//!
+//! The crate is organised by domain:
+//! - [`config`]: the TOML config file, validated as a whole (`crm-sync check-config`);
+//! - [`db`]: connection pool and the embedded migrations of the `crm_sync` schema;
+//! - [`queue`]: the durable step queue (enqueue, claim, complete, fail, lease, cancel, retry): thin Rust
+//!   wrappers over the SQL functions in `migrations/`, which are the single source of truth;
+//! - [`worker`]: the process that claims steps, runs them with timeouts and heartbeats, and reports back;
+//! - [`pipeline`]: what a pipeline's steps are and how each one runs;
+//! - [`sources`]: where data comes from (the `noop` source for smoke tests and benchmarks);
+//! - [`history`]: read-side queries over runs, steps and attempts (the run log);
+//! - [`bench`]: the project's own benchmark commands;
+//! - [`cli`]: the `crm-sync` command line.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod history;
+pub mod pipeline;
+pub mod queue;
+pub mod sources;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,227 @@
+//! Calls to the queue's SQL functions.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{ClaimedStep, FailOutcome, Lease, QueueError, Trigger};
+
+/// Enqueues one run of `pipeline` and returns its id. With an idempotency key, a repeat returns the
+/// run the key already names (and a reuse with other parameters is a [`QueueError::Conflict`]).
+pub async fn enqueue(
+    pool: &PgPool,
+    pipeline: &str,
+    params: &Value,
+    idempotency_key: Option<&str>,
+    trigger: Trigger,
+) -> Result<Uuid, QueueError> {
+    retry_on_conflict(|| async {
+        sqlx::query_scalar("SELECT crm_sync.enqueue_run_as($1, $2, $3, $4, NULL)")
+            .bind(pipeline)
+            .bind(params)
+            .bind(idempotency_key)
+            .bind(trigger.as_str())
+            .fetch_one(pool)
+            .await
+    })
+    .await
+}
+
+/// Enqueues `count` runs of `pipeline` in one statement (benchmarks, back-fills).
+pub async fn enqueue_many(
+    pool: &PgPool,
+    pipeline: &str,
+    count: u32,
+    trigger: Trigger,
+) -> Result<Vec<Uuid>, QueueError> {
+    Ok(
+        sqlx::query_scalar("SELECT crm_sync.enqueue_runs($1, $2, $3)")
+            .bind(pipeline)
+            .bind(i32::try_from(count).unwrap_or(i32::MAX))
+            .bind(trigger.as_str())
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Claims up to `limit` due steps for `worker`, each with a lease of `lease`.
+pub async fn claim(
+    pool: &PgPool,
+    worker: &str,
+    limit: usize,
+    lease: Duration,
+) -> Result<Vec<ClaimedStep>, QueueError> {
+    Ok(
+        sqlx::query_as::<_, ClaimedStep>("SELECT * FROM crm_sync.claim_steps($1, $2, $3)")
+            .bind(worker)
+            .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+            .bind(millis(lease))
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Completes a batch of steps with their outputs. Returns the leases that were accepted; the others
+/// had been lost (taken over, cancelled or reaped) and their outputs were discarded.
+pub async fn complete(
+    pool: &PgPool,
+    worker: &str,
+    done: &[(Lease, Value)],
+) -> Result<HashSet<i64>, QueueError> {
+    let ids: Vec<i64> = done.iter().map(|(l, _)| l.step_id).collect();
+    let fences: Vec<i64> = done.iter().map(|(l, _)| l.fence).collect();
+    let outputs: Vec<Value> = done.iter().map(|(_, o)| o.clone()).collect();
+    let accepted: Vec<i64> = retry_on_conflict(|| async {
+        sqlx::query_scalar("SELECT * FROM crm_sync.complete_steps($1, $2, $3, $4)")
+            .bind(worker)
+            .bind(&ids)
+            .bind(&fences)
+            .bind(&outputs)
+            .fetch_all(pool)
+            .await
+    })
+    .await?;
+    Ok(accepted.into_iter().collect())
+}
+
+/// Records a failed attempt; see [`FailOutcome`].
+pub async fn fail(
+    pool: &PgPool,
+    worker: &str,
+    lease: Lease,
+    error: &str,
+    retryable: bool,
+    retry_at: DateTime<Utc>,
+) -> Result<FailOutcome, QueueError> {
+    let outcome: String = retry_on_conflict(|| async {
+        sqlx::query_scalar("SELECT crm_sync.fail_step($1, $2, $3, $4, $5, $6)")
+            .bind(worker)
+            .bind(lease.step_id)
+            .bind(lease.fence)
+            .bind(error)
+            .bind(retryable)
+            .bind(retry_at)
+            .fetch_one(pool)
+            .await
+    })
+    .await?;
+    Ok(match outcome.as_str() {
+        "retry" => FailOutcome::Retry,
+        "failed" => FailOutcome::Failed,
+        _ => FailOutcome::Discarded,
+    })
+}
+
+/// Renews leases; returns the step ids still held by this worker.
+pub async fn heartbeat(
+    pool: &PgPool,
+    worker: &str,
+    leases: &[Lease],
+    lease: Duration,
+) -> Result<HashSet<i64>, QueueError> {
+    let (ids, fences) = split(leases);
+    let held: Vec<i64> = sqlx::query_scalar("SELECT * FROM crm_sync.heartbeat($1, $2, $3, $4)")
+        .bind(worker)
+        .bind(&ids)
+        .bind(&fences)
+        .bind(millis(lease))
+        .fetch_all(pool)
+        .await?;
+    Ok(held.into_iter().collect())
+}
+
+/// Gives steps back to the queue without spending an attempt.
+pub async fn release(pool: &PgPool, worker: &str, leases: &[Lease]) -> Result<u64, QueueError> {
+    let (ids, fences) = split(leases);
+    let n: i32 = sqlx::query_scalar("SELECT crm_sync.release_steps($1, $2, $3)")
+        .bind(worker)
+        .bind(&ids)
+        .bind(&fences)
+        .fetch_one(pool)
+        .await?;
+    Ok(n.max(0) as u64)
+}
+
+/// Re-queues (or fails) steps whose lease expired; returns how many.
+pub async fn reap_expired(pool: &PgPool) -> Result<u64, QueueError> {
+    let n: i32 = retry_on_conflict(|| async {
+        sqlx::query_scalar("SELECT crm_sync.reap_expired_leases()")
+            .fetch_one(pool)
+            .await
+    })
+    .await?;
+    Ok(n.max(0) as u64)
+}
+
+/// Cancels a queued or running run.
+pub async fn cancel(pool: &PgPool, run_id: Uuid) -> Result<(), QueueError> {
+    retry_on_conflict(|| async {
+        sqlx::query_scalar::<_, String>("SELECT crm_sync.cancel_run($1)")
+            .bind(run_id)
+            .fetch_one(pool)
+            .await
+    })
+    .await?;
+    Ok(())
+}
+
+/// Resumes a failed or cancelled run as a new run of the same batch; returns the new run's id.
+pub async fn retry(pool: &PgPool, run_id: Uuid) -> Result<Uuid, QueueError> {
+    retry_on_conflict(|| async {
+        sqlx::query_scalar("SELECT crm_sync.retry_run($1)")
+            .bind(run_id)
+            .fetch_one(pool)
+            .await
+    })
+    .await
+}
+
+/// Runs a run's pipeline again as a fresh batch with the same parameters; returns the new run's id.
+pub async fn rerun(pool: &PgPool, run_id: Uuid, trigger: Trigger) -> Result<Uuid, QueueError> {
+    retry_on_conflict(|| async {
+        sqlx::query_scalar("SELECT crm_sync.rerun_run($1, $2)")
+            .bind(run_id)
+            .bind(trigger.as_str())
+            .fetch_one(pool)
+            .await
+    })
+    .await
+}
+
+fn split(leases: &[Lease]) -> (Vec<i64>, Vec<i64>) {
+    leases.iter().map(|l| (l.step_id, l.fence)).unzip()
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Runs a statement again when PostgreSQL aborted it for a deadlock or a serialization failure: both
+/// are safe to repeat because each queue function is one transaction.
+async fn retry_on_conflict<T, F, Fut>(mut op: F) -> Result<T, QueueError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match op().await {
+            Err(e) if tries < 5 && is_transient_conflict(&e) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(5 * tries)).await;
+            }
+            other => return other.map_err(QueueError::from),
+        }
+    }
+}
+
+fn is_transient_conflict(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "40P01" || c == "40001")
+}

@@ -1,0 +1,3 @@
+//! Where a pipeline's data comes from. Each kind is selected by `source.kind` in the config.
+
+pub mod noop;

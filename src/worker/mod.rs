@@ -1,0 +1,604 @@
+//! The worker: claims due steps, runs them with a timeout while heartbeats keep their leases, and
+//! reports each outcome back to the queue.
+//!
+//! Four tasks share one [`Shared`] state:
+//! - the claim loop takes as many steps as there are free slots, in one round trip, whenever a NOTIFY,
+//!   a freed slot or the polling timer wakes it;
+//! - each claimed step runs in its own tokio task, bounded by the step timeout;
+//! - the flusher collects finished steps and records them in batches (one round trip for many
+//!   successes), retrying through database outages so that no result is dropped while its lease holds;
+//! - the heartbeat renews the leases of in-flight steps, abandons those it lost (cancelled, taken
+//!   over) and re-queues steps whose worker died (expired leases).
+//!
+//! On shutdown the claim loop stops, in-flight steps get `shutdown_grace` to finish, and the rest are
+//! released to the queue without spending an attempt.
+
+mod backoff;
+
+pub use backoff::retry_delay;
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::config::WorkerConfig;
+use crate::pipeline::{Executor, StepContext, StepError};
+use crate::queue::{self, CANCEL_CHANNEL, ClaimedStep, FailOutcome, Lease, STEPS_CHANNEL};
+
+/// How one worker process behaves; built from `[worker]` in the config.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Unique per process: recorded on every attempt it makes.
+    pub id: String,
+    pub concurrency: usize,
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    pub shutdown_grace: Duration,
+    pub claim_batch: usize,
+}
+
+impl WorkerOptions {
+    pub fn from_config(config: &WorkerConfig) -> Self {
+        Self {
+            id: new_worker_id(),
+            concurrency: config.concurrency,
+            lease: config.lease,
+            poll_interval: config.poll_interval,
+            shutdown_grace: config.shutdown_grace,
+            claim_batch: config.claim_batch,
+        }
+    }
+}
+
+/// `host-pid-xxxx`: readable in the run log, unique across restarts.
+pub fn new_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_string());
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+/// What a worker did, returned when it stops.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerStats {
+    pub succeeded: u64,
+    pub failed_attempts: u64,
+    pub released: u64,
+}
+
+/// A worker over one pool; see the module docs.
+pub struct Worker {
+    pool: PgPool,
+    executor: Executor,
+    opts: WorkerOptions,
+}
+
+struct InFlight {
+    fence: i64,
+    run_id: Uuid,
+    abort: AbortHandle,
+}
+
+struct Finished {
+    step: ClaimedStep,
+    result: Result<Value, StepError>,
+    elapsed: Duration,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Shared {
+    pool: PgPool,
+    executor: Executor,
+    opts: WorkerOptions,
+    slots: Arc<Semaphore>,
+    /// Wakes the claim loop: new work announced, or a slot freed.
+    wake: Notify,
+    in_flight: Mutex<HashMap<i64, InFlight>>,
+    succeeded: AtomicU64,
+    failed_attempts: AtomicU64,
+}
+
+impl Worker {
+    pub fn new(pool: PgPool, executor: Executor, opts: WorkerOptions) -> Self {
+        Self {
+            pool,
+            executor,
+            opts,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.opts.id
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains or releases in-flight steps and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<WorkerStats> {
+        let shared = Arc::new(Shared {
+            slots: Arc::new(Semaphore::new(self.opts.concurrency)),
+            pool: self.pool,
+            executor: self.executor,
+            opts: self.opts,
+            wake: Notify::new(),
+            in_flight: Mutex::new(HashMap::new()),
+            succeeded: AtomicU64::new(0),
+            failed_attempts: AtomicU64::new(0),
+        });
+        register_worker(&shared).await?;
+        info!(worker = %shared.opts.id, concurrency = shared.opts.concurrency, "worker started");
+
+        let background = CancellationToken::new();
+        let listener = tokio::spawn(listen(shared.clone(), background.clone()));
+        let heartbeat = tokio::spawn(heartbeat(shared.clone(), background.clone()));
+        let (done_tx, done_rx) = mpsc::channel::<Finished>(shared.opts.concurrency.max(16) * 2);
+        let flusher = tokio::spawn(flush(shared.clone(), done_rx));
+
+        claim_loop(&shared, &done_tx, &shutdown).await;
+        info!(worker = %shared.opts.id, "stopping: no new claims");
+        drop(done_tx);
+        let released = drain(&shared, flusher).await;
+
+        background.cancel();
+        let _ = listener.await;
+        let _ = heartbeat.await;
+        let _ = sqlx::query("UPDATE crm_sync.workers SET stopped_at = now() WHERE id = $1")
+            .bind(&shared.opts.id)
+            .execute(&shared.pool)
+            .await;
+        let stats = WorkerStats {
+            succeeded: shared.succeeded.load(Ordering::Relaxed),
+            failed_attempts: shared.failed_attempts.load(Ordering::Relaxed),
+            released,
+        };
+        info!(worker = %shared.opts.id, succeeded = stats.succeeded, released, "worker stopped");
+        Ok(stats)
+    }
+}
+
+async fn register_worker(shared: &Shared) -> anyhow::Result<()> {
+    let host = shared
+        .opts
+        .id
+        .rsplitn(3, '-')
+        .nth(2)
+        .unwrap_or("host")
+        .to_string();
+    sqlx::query(
+        "INSERT INTO crm_sync.workers (id, hostname, pid, concurrency) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL",
+    )
+    .bind(&shared.opts.id)
+    .bind(host)
+    .bind(std::process::id() as i32)
+    .bind(shared.opts.concurrency as i32)
+    .execute(&shared.pool)
+    .await?;
+    Ok(())
+}
+
+async fn claim_loop(
+    shared: &Arc<Shared>,
+    done_tx: &mpsc::Sender<Finished>,
+    shutdown: &CancellationToken,
+) {
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let free = shared
+            .slots
+            .available_permits()
+            .min(shared.opts.claim_batch);
+        if free > 0 {
+            match queue::claim(&shared.pool, &shared.opts.id, free, shared.opts.lease).await {
+                Ok(steps) => {
+                    failures = 0;
+                    let full = steps.len() == free;
+                    for step in steps {
+                        let permit = shared
+                            .slots
+                            .clone()
+                            .try_acquire_owned()
+                            .expect("claimed no more than the free slots");
+                        start_step(shared, step, permit, done_tx.clone());
+                    }
+                    if full {
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                    warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "claiming steps failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(shared.opts.poll_interval) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}
+
+fn start_step(
+    shared: &Arc<Shared>,
+    step: ClaimedStep,
+    permit: OwnedSemaphorePermit,
+    done_tx: mpsc::Sender<Finished>,
+) {
+    let span = info_span!(
+        "step",
+        run_id = %step.run_id,
+        batch_id = %step.batch_id,
+        pipeline = %step.pipeline,
+        step = %step.step_name,
+        attempt = step.attempt,
+    );
+    let ctx = StepContext {
+        pool: shared.pool.clone(),
+        step_id: step.step_id,
+        run_id: step.run_id,
+        batch_id: step.batch_id.clone(),
+        pipeline: step.pipeline.clone(),
+        step_name: step.step_name.clone(),
+        attempt: step.attempt,
+        fence: step.fence,
+        params: step.params.clone(),
+        inputs: step.inputs.clone(),
+    };
+    let executor = shared.executor.clone();
+    let timeout = Duration::from_millis(step.timeout_ms.max(1) as u64);
+    let (step_id, fence, run_id) = (step.step_id, step.fence, step.run_id);
+
+    let mut in_flight = shared.in_flight.lock().expect("in-flight map poisoned");
+    let handle = tokio::spawn(
+        async move {
+            debug!("step started");
+            let started = Instant::now();
+            let run = AssertUnwindSafe(executor.run_step(&ctx)).catch_unwind();
+            let result = match tokio::time::timeout(timeout, run).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(panic)) => Err(StepError::retryable(format!(
+                    "step panicked: {}",
+                    panic_message(&panic)
+                ))),
+                Err(_) => Err(StepError::retryable(format!(
+                    "step timed out after {}",
+                    humantime::format_duration(timeout)
+                ))),
+            };
+            let finished = Finished {
+                step,
+                result,
+                elapsed: started.elapsed(),
+                _permit: permit,
+            };
+            // The flusher only goes away after every sender is dropped, so this cannot fail.
+            let _ = done_tx.send(finished).await;
+        }
+        .instrument(span),
+    );
+    in_flight.insert(
+        step_id,
+        InFlight {
+            fence,
+            run_id,
+            abort: handle.abort_handle(),
+        },
+    );
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+/// Records finished steps: successes in batches, failures one by one (they are rarer and each needs
+/// its own backoff). Database errors are retried until the write goes through.
+async fn flush(shared: Arc<Shared>, mut done_rx: mpsc::Receiver<Finished>) {
+    let mut batch = Vec::with_capacity(shared.opts.claim_batch);
+    while done_rx.recv_many(&mut batch, shared.opts.claim_batch).await > 0 {
+        let (ok, failed): (Vec<_>, Vec<_>) = batch.drain(..).partition(|f| f.result.is_ok());
+        if !ok.is_empty() {
+            record_successes(&shared, &ok).await;
+        }
+        for finished in &failed {
+            record_failure(&shared, finished).await;
+        }
+        {
+            let mut in_flight = shared.in_flight.lock().expect("in-flight map poisoned");
+            for f in ok.iter().chain(failed.iter()) {
+                if in_flight
+                    .get(&f.step.step_id)
+                    .is_some_and(|i| i.fence == f.step.fence)
+                {
+                    in_flight.remove(&f.step.step_id);
+                }
+            }
+        }
+        // Dropping the batches frees their slots.
+        drop(ok);
+        drop(failed);
+        shared.wake.notify_one();
+    }
+}
+
+async fn record_successes(shared: &Shared, ok: &[Finished]) {
+    let done: Vec<(Lease, Value)> = ok
+        .iter()
+        .map(|f| (f.step.lease(), f.result.clone().unwrap_or(Value::Null)))
+        .collect();
+    let accepted = persist("completing steps", || {
+        queue::complete(&shared.pool, &shared.opts.id, &done)
+    })
+    .await;
+    for f in ok {
+        let _span = step_span(&f.step).entered();
+        if accepted.contains(&f.step.step_id) {
+            shared.succeeded.fetch_add(1, Ordering::Relaxed);
+            info!(duration_ms = f.elapsed.as_millis() as u64, "step succeeded");
+        } else {
+            warn!(
+                "step finished after its lease was lost (cancelled or taken over); result discarded"
+            );
+        }
+    }
+}
+
+async fn record_failure(shared: &Shared, f: &Finished) {
+    let Err(error) = &f.result else { return };
+    shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
+    let (base, max) = shared
+        .executor
+        .pipeline(&f.step.pipeline)
+        .map(|p| (p.retry_backoff, p.retry_backoff_max))
+        .unwrap_or((Duration::from_secs(1), Duration::from_secs(600)));
+    let delay = retry_delay(f.step.attempt, base, max, error.retry_after);
+    let retry_at =
+        chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+    let outcome = persist("recording a failed attempt", || {
+        queue::fail(
+            &shared.pool,
+            &shared.opts.id,
+            f.step.lease(),
+            &error.message,
+            error.is_retryable(),
+            retry_at,
+        )
+    })
+    .await;
+    let _span = step_span(&f.step).entered();
+    match outcome {
+        FailOutcome::Retry => warn!(
+            error = %error.message,
+            retry_in_ms = delay.as_millis() as u64,
+            "step failed; will retry"
+        ),
+        FailOutcome::Failed => {
+            error!(error = %error.message, retryable = error.is_retryable(), "step failed; run failed")
+        }
+        FailOutcome::Discarded => {
+            warn!(error = %error.message, "step failed after its lease was lost; ignored")
+        }
+    }
+}
+
+fn step_span(step: &ClaimedStep) -> tracing::Span {
+    info_span!(
+        "step",
+        run_id = %step.run_id,
+        batch_id = %step.batch_id,
+        pipeline = %step.pipeline,
+        step = %step.step_name,
+        attempt = step.attempt,
+    )
+}
+
+/// Retries a queue write until it succeeds: the result of finished work must not be dropped because
+/// PostgreSQL restarted. Fencing makes a late write harmless.
+async fn persist<T, F, Fut>(what: &str, mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, queue::QueueError>>,
+{
+    let mut failures = 0u32;
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(e) => {
+                failures += 1;
+                let pause = Duration::from_millis(50 * 2u64.pow(failures.min(7)));
+                warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "{what} failed");
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// Renews leases every third of the lease and reaps steps whose worker died.
+async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
+    let every = (shared.opts.lease / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let leases: Vec<Lease> = {
+            let in_flight = shared.in_flight.lock().expect("in-flight map poisoned");
+            in_flight
+                .iter()
+                .map(|(&step_id, i)| Lease {
+                    step_id,
+                    fence: i.fence,
+                })
+                .collect()
+        };
+        match queue::heartbeat(&shared.pool, &shared.opts.id, &leases, shared.opts.lease).await {
+            Ok(held) => {
+                let lost: Vec<i64> = leases
+                    .iter()
+                    .filter(|l| !held.contains(&l.step_id))
+                    .map(|l| l.step_id)
+                    .collect();
+                abandon(
+                    &shared,
+                    |step_id, _| lost.contains(&step_id),
+                    "lease lost (cancelled or taken over)",
+                );
+            }
+            Err(e) => warn!(error = %e, "renewing leases failed"),
+        }
+        match queue::reap_expired(&shared.pool).await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                steps = n,
+                "re-queued steps whose worker stopped renewing its lease"
+            ),
+            Err(e) => warn!(error = %e, "reaping expired leases failed"),
+        }
+    }
+}
+
+/// Stops the in-flight steps matching `which`: their results could no longer be recorded.
+fn abandon(shared: &Shared, which: impl Fn(i64, &InFlight) -> bool, why: &str) {
+    let mut in_flight = shared.in_flight.lock().expect("in-flight map poisoned");
+    let ids: Vec<i64> = in_flight
+        .iter()
+        .filter(|(id, i)| which(**id, i))
+        .map(|(id, _)| *id)
+        .collect();
+    for id in ids {
+        if let Some(i) = in_flight.remove(&id) {
+            i.abort.abort();
+            warn!(step_id = id, run_id = %i.run_id, "{why}; step stopped");
+        }
+    }
+    shared.wake.notify_one();
+}
+
+/// Turns NOTIFYs into wake-ups and cancellations into aborted steps. Polling covers any gap.
+async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let mut listener = match PgListener::connect_with(&shared.pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "LISTEN connection failed; polling until it is back");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
+        };
+        if let Err(e) = listener.listen_all([STEPS_CHANNEL, CANCEL_CHANNEL]).await {
+            warn!(error = %e, "LISTEN failed; polling until it is back");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                _ = stop.cancelled() => return,
+            }
+        }
+        shared.wake.notify_one();
+        loop {
+            let next = tokio::select! {
+                n = listener.try_recv() => n,
+                _ = stop.cancelled() => return,
+            };
+            match next {
+                Ok(Some(n)) if n.channel() == CANCEL_CHANNEL => {
+                    if let Ok(run_id) = n.payload().parse::<Uuid>() {
+                        abandon(&shared, |_, i| i.run_id == run_id, "run cancelled");
+                    }
+                }
+                Ok(Some(_)) => shared.wake.notify_one(),
+                // The connection dropped and will reconnect: notifications may have been missed.
+                Ok(None) => shared.wake.notify_one(),
+                Err(e) => {
+                    warn!(error = %e, "LISTEN connection lost");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// After the claim loop stopped: wait up to the grace period for in-flight steps, then stop the rest
+/// and release them to the queue. Returns how many were released.
+async fn drain(shared: &Arc<Shared>, flusher: JoinHandle<()>) -> u64 {
+    let deadline = tokio::time::Instant::now() + shared.opts.shutdown_grace;
+    loop {
+        if shared
+            .in_flight
+            .lock()
+            .expect("in-flight map poisoned")
+            .is_empty()
+        {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let n = shared
+                .in_flight
+                .lock()
+                .expect("in-flight map poisoned")
+                .len();
+            warn!(
+                steps = n,
+                "grace period over: stopping the steps still running"
+            );
+            let in_flight = shared.in_flight.lock().expect("in-flight map poisoned");
+            for i in in_flight.values() {
+                i.abort.abort();
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every task has finished or been aborted, so the flusher ends once it has recorded what came in.
+    let _ = flusher.await;
+    let leftover: Vec<Lease> = {
+        let mut in_flight = shared.in_flight.lock().expect("in-flight map poisoned");
+        in_flight
+            .drain()
+            .map(|(step_id, i)| Lease {
+                step_id,
+                fence: i.fence,
+            })
+            .collect()
+    };
+    if leftover.is_empty() {
+        return 0;
+    }
+    match queue::release(&shared.pool, &shared.opts.id, &leftover).await {
+        Ok(n) => {
+            info!(steps = n, "released unfinished steps to the queue");
+            n
+        }
+        Err(e) => {
+            error!(error = %e, "releasing steps failed; they return to the queue when their lease expires");
+            0
+        }
+    }
+}
