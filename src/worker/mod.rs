@@ -487,9 +487,10 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
 /// Stops the in-flight steps matching `which`: their results could no longer be recorded.
 fn abandon(shared: &Shared, which: impl Fn(i64, &InFlight) -> bool, why: &str) {
     let mut in_flight = shared.in_flight.lock().expect("in-flight map poisoned");
+    // A finished task's result is already with the flusher, which settles it either way.
     let ids: Vec<i64> = in_flight
         .iter()
-        .filter(|(id, i)| which(**id, i))
+        .filter(|(id, i)| !i.abort.is_finished() && which(**id, i))
         .map(|(id, _)| *id)
         .collect();
     for id in ids {

@@ -1,0 +1,212 @@
+//! Test support: a fresh, migrated database per test (dropped afterwards), config files, in-process
+//! workers and the real `crm-sync` binary as child processes.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crm_sync::config::Config;
+use crm_sync::pipeline::{Executor, registry};
+use crm_sync::worker::{Worker, WorkerOptions, WorkerStats};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The server tests create their databases on (`CRM_SYNC_TEST_ADMIN_URL` to point elsewhere).
+pub fn admin_url() -> String {
+    std::env::var("CRM_SYNC_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database of its own for one test, migrated; dropped when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let name = format!("crm_sync_test_{}", Uuid::new_v4().simple());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url())
+            .await
+            .expect("connect admin");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let base = admin_url();
+        let url = match base.rfind('/') {
+            Some(i) => format!("{}/{name}", &base[..i]),
+            None => panic!("admin url has no database part: {base}"),
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect(&url)
+            .await
+            .expect("connect test db");
+        crm_sync::db::migrate(&pool).await.expect("migrate");
+        TestDb { name, url, pool }
+    }
+
+    /// Loads `pipelines` (TOML) into a config pointing at this database and registers it.
+    pub async fn config(&self, toml_text: &str) -> Config {
+        let text = format!("database_url = \"{}\"\n{toml_text}", self.url);
+        let config = Config::parse(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}"));
+        registry::sync(&self.pool, &config)
+            .await
+            .expect("register pipelines");
+        config
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop on a thread with its own runtime: Drop cannot be async, and the test's runtime may be gone.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(admin) = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&admin_url())
+                    .await
+                {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&admin)
+                    .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// An in-process worker on its own pool; stop it with [`RunningWorker::stop`].
+pub struct RunningWorker {
+    pub id: String,
+    shutdown: CancellationToken,
+    handle: JoinHandle<anyhow::Result<WorkerStats>>,
+}
+
+impl RunningWorker {
+    pub async fn start(db: &TestDb, config: &Config) -> RunningWorker {
+        let pool = PgPoolOptions::new()
+            .max_connections(config.worker.max_connections)
+            .connect(&db.url)
+            .await
+            .unwrap();
+        let opts = WorkerOptions::from_config(&config.worker);
+        let id = opts.id.clone();
+        let worker = Worker::new(pool, Executor::new(Arc::new(config.clone())), opts);
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(shutdown.clone()));
+        RunningWorker {
+            id,
+            shutdown,
+            handle,
+        }
+    }
+
+    pub async fn stop(self) -> WorkerStats {
+        self.shutdown.cancel();
+        self.handle
+            .await
+            .expect("worker task")
+            .expect("worker result")
+    }
+}
+
+/// Waits until the run reaches a final status and returns it.
+pub async fn wait_for_run(pool: &PgPool, id: Uuid, timeout: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let status: String = sqlx::query_scalar("SELECT status FROM crm_sync.runs WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .expect("run exists");
+        if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run {id} still {status} after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Polls `query` (one boolean) until it is true.
+pub async fn wait_until(pool: &PgPool, query: &str, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let done: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(query.to_string()))
+            .fetch_one(pool)
+            .await
+            .expect("poll query");
+        if done {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {query}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The `crm-sync` binary built for these tests.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_crm-sync"))
+}
+
+/// Writes a config file for child processes into `dir`.
+pub fn write_config(dir: &Path, db: &TestDb, toml_text: &str) -> PathBuf {
+    let path = dir.join("crm-sync.toml");
+    std::fs::write(&path, format!("database_url = \"{}\"\n{toml_text}", db.url)).unwrap();
+    path
+}
+
+/// Starts `crm-sync ARGS` with the given config, logs to `log`.
+pub fn spawn_binary(config: &Path, args: &[&str], log: &Path) -> Child {
+    let log_file = std::fs::File::create(log).unwrap();
+    Command::new(binary())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn crm-sync")
+}
+
+/// Runs `crm-sync ARGS` to completion and returns (exit code, stdout, stderr).
+pub fn run_binary(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run crm-sync");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
