@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# THE test command (README, CI): starts what the tests need, then formatting, lints and the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/ensure-postgres.sh
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --no-fail-fast "$@"
+else
+  cargo test --no-fail-fast "$@"
+fi
