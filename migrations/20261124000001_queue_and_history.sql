@@ -3,7 +3,8 @@
 -- A run is one batch of one pipeline. Its steps are created with the run (status `pending`); the first
 -- non-succeeded step becomes `queued` when the run is admitted (per-pipeline concurrency), a worker claims
 -- it (`running`, with a lease and a fencing token), and completing it queues the next step in the same
--- transaction. Every claim writes a row in `attempts`: the run log.
+-- transaction. Every attempt that ends (succeeded, failed, lost, released, cancelled) is a row in
+-- `attempts`: the run log. The attempt in progress lives on the step row (lease_owner, attempt_started_at).
 
 CREATE SCHEMA IF NOT EXISTS crm_sync;
 
@@ -48,7 +49,7 @@ CREATE UNIQUE INDEX runs_idempotency_key ON crm_sync.runs (idempotency_key) WHER
 CREATE UNIQUE INDEX runs_retry_of ON crm_sync.runs (retry_of) WHERE retry_of IS NOT NULL;
 CREATE INDEX runs_pipeline_created ON crm_sync.runs (pipeline, created_at DESC);
 CREATE INDEX runs_created ON crm_sync.runs (created_at DESC);
-CREATE INDEX runs_status_created ON crm_sync.runs (status, created_at DESC);
+CREATE INDEX runs_failed_created ON crm_sync.runs (created_at DESC) WHERE status = 'failed';
 CREATE INDEX runs_waiting ON crm_sync.runs (pipeline, created_at)
     WHERE status = 'queued' AND admitted_at IS NULL;
 CREATE INDEX runs_active ON crm_sync.runs (pipeline)
@@ -72,6 +73,7 @@ CREATE TABLE crm_sync.steps (
     fence             bigint NOT NULL DEFAULT 0,
     lease_owner       text,
     lease_expires_at  timestamptz,
+    attempt_started_at timestamptz,
     started_at        timestamptz,
     finished_at       timestamptz,
     -- The checkpoint the next step reads (object URI, rows, bytes, checksum...).
@@ -91,10 +93,10 @@ CREATE TABLE crm_sync.attempts (
     attempt      integer NOT NULL,
     fence        bigint NOT NULL,
     worker_id    text NOT NULL,
-    started_at   timestamptz NOT NULL DEFAULT now(),
-    finished_at  timestamptz,
-    outcome      text NOT NULL DEFAULT 'running'
-                 CHECK (outcome IN ('running', 'succeeded', 'retry', 'failed', 'lost', 'released', 'cancelled')),
+    started_at   timestamptz NOT NULL,
+    finished_at  timestamptz NOT NULL DEFAULT now(),
+    outcome      text NOT NULL
+                 CHECK (outcome IN ('succeeded', 'retry', 'failed', 'lost', 'released', 'cancelled')),
     error        text,
     UNIQUE (step_id, fence)
 );
@@ -253,7 +255,7 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------------
--- Claim up to p_limit due steps for one worker in one round trip: lease, fencing token, attempt row,
+-- Claim up to p_limit due steps for one worker in one round trip: lease, fencing token, attempt number,
 -- and the run marked running. Also returns the checkpoints of the run's earlier steps.
 CREATE FUNCTION crm_sync.claim_steps(p_worker text, p_limit integer, p_lease_ms bigint)
 RETURNS TABLE (
@@ -271,12 +273,9 @@ LANGUAGE sql AS $$
         UPDATE crm_sync.steps s
            SET status = 'running', attempts = s.attempts + 1, fence = s.fence + 1,
                lease_owner = p_worker, lease_expires_at = now() + p_lease_ms * interval '1 millisecond',
-               started_at = coalesce(s.started_at, now()), error = NULL
+               attempt_started_at = now(), started_at = coalesce(s.started_at, now()), error = NULL
           FROM picked WHERE s.id = picked.id
         RETURNING s.*
-    ), logged AS (
-        INSERT INTO crm_sync.attempts (step_id, run_id, attempt, fence, worker_id)
-        SELECT c.id, c.run_id, c.attempts, c.fence, p_worker FROM claimed c
     ), started AS (
         UPDATE crm_sync.runs r SET status = 'running', started_at = coalesce(r.started_at, now())
          WHERE r.id IN (SELECT c.run_id FROM claimed c) AND r.status = 'queued'
@@ -324,10 +323,11 @@ BEGIN
                lease_owner = NULL, lease_expires_at = NULL, error = NULL
           FROM unnest(p_ids, p_fences, p_outputs) AS x(id, fence, output)
          WHERE s.id = x.id AND s.fence = x.fence AND s.status = 'running'
-        RETURNING s.id, s.run_id, s.position, s.fence, s.pipeline
+        RETURNING s.id, s.run_id, s.position, s.fence, s.pipeline, s.attempts, s.attempt_started_at
     ), logged AS (
-        UPDATE crm_sync.attempts a SET outcome = 'succeeded', finished_at = now()
-          FROM done WHERE a.step_id = done.id AND a.fence = done.fence
+        INSERT INTO crm_sync.attempts (step_id, run_id, attempt, fence, worker_id, started_at, outcome)
+        SELECT done.id, done.run_id, done.attempts, done.fence, p_worker, done.attempt_started_at, 'succeeded'
+          FROM done
     ), next_steps AS (
         UPDATE crm_sync.steps n SET status = 'queued', run_at = now()
           FROM done WHERE n.run_id = done.run_id AND n.position = done.position + 1 AND n.status = 'pending'
@@ -374,8 +374,8 @@ BEGIN
     END IF;
     v_outcome := CASE WHEN p_retryable AND s.attempts < s.max_attempts THEN 'retry' ELSE 'failed' END;
 
-    UPDATE crm_sync.attempts SET outcome = v_outcome, finished_at = now(), error = p_error
-     WHERE step_id = p_id AND fence = p_fence;
+    INSERT INTO crm_sync.attempts (step_id, run_id, attempt, fence, worker_id, started_at, outcome, error)
+    VALUES (s.id, s.run_id, s.attempts, s.fence, p_worker, s.attempt_started_at, v_outcome, p_error);
 
     IF v_outcome = 'retry' THEN
         UPDATE crm_sync.steps
@@ -417,11 +417,12 @@ BEGIN
            SET status = 'queued', attempts = s.attempts - 1, run_at = now(), lease_owner = NULL, lease_expires_at = NULL
           FROM unnest(p_ids, p_fences) AS x(id, fence)
          WHERE s.id = x.id AND s.fence = x.fence AND s.status = 'running'
-        RETURNING s.id, s.fence
+        RETURNING s.id, s.run_id, s.attempts, s.fence, s.attempt_started_at
     ), logged AS (
-        UPDATE crm_sync.attempts a SET outcome = 'released', finished_at = now(),
-               error = 'released by worker ' || p_worker || ' at shutdown'
-          FROM released WHERE a.step_id = released.id AND a.fence = released.fence
+        INSERT INTO crm_sync.attempts (step_id, run_id, attempt, fence, worker_id, started_at, outcome, error)
+        SELECT r.id, r.run_id, r.attempts + 1, r.fence, p_worker, r.attempt_started_at, 'released',
+               'released by worker ' || p_worker || ' at shutdown'
+          FROM released r
     )
     SELECT count(*) INTO v_count FROM released;
     IF v_count > 0 THEN
@@ -446,8 +447,8 @@ BEGIN
               FOR UPDATE SKIP LOCKED
     LOOP
         v_error := format('lease expired: worker %s stopped renewing it', s.lease_owner);
-        UPDATE crm_sync.attempts SET outcome = 'lost', finished_at = now(), error = v_error
-         WHERE step_id = s.id AND fence = s.fence;
+        INSERT INTO crm_sync.attempts (step_id, run_id, attempt, fence, worker_id, started_at, outcome, error)
+        VALUES (s.id, s.run_id, s.attempts, s.fence, s.lease_owner, s.attempt_started_at, 'lost', v_error);
         IF s.attempts < s.max_attempts THEN
             UPDATE crm_sync.steps SET status = 'queued', run_at = now(), lease_owner = NULL, lease_expires_at = NULL,
                    error = v_error
@@ -487,9 +488,10 @@ BEGIN
     IF r.status NOT IN ('queued', 'running') THEN
         RAISE EXCEPTION 'run % is already % and cannot be cancelled', p_run, r.status USING ERRCODE = '55000';
     END IF;
-    UPDATE crm_sync.attempts a SET outcome = 'cancelled', finished_at = now(), error = 'run cancelled'
+    INSERT INTO crm_sync.attempts (step_id, run_id, attempt, fence, worker_id, started_at, outcome, error)
+    SELECT s.id, s.run_id, s.attempts, s.fence, s.lease_owner, s.attempt_started_at, 'cancelled', 'run cancelled'
       FROM crm_sync.steps s
-     WHERE s.run_id = p_run AND s.status = 'running' AND a.step_id = s.id AND a.fence = s.fence;
+     WHERE s.run_id = p_run AND s.status = 'running';
     UPDATE crm_sync.steps SET status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL
      WHERE run_id = p_run AND status IN ('pending', 'queued', 'running');
     PERFORM crm_sync.finish_run(p_run, 'cancelled', 'cancelled by an operator');

@@ -47,6 +47,11 @@ pub struct StepRecord {
     pub output: Option<Value>,
     pub error: Option<String>,
     pub reused_from_run: Option<Uuid>,
+    /// The worker holding the step while it runs.
+    pub lease_owner: Option<String>,
+    #[serde(skip)]
+    pub attempt_started_at: Option<DateTime<Utc>>,
+    /// Every attempt, the one in progress last (outcome `running`).
     #[sqlx(skip)]
     pub attempt_log: Vec<AttemptRecord>,
 }
@@ -116,7 +121,7 @@ pub async fn run_detail(pool: &PgPool, id: Uuid) -> Result<Option<RunDetail>, sq
     };
     let mut steps: Vec<StepRecord> = sqlx::query_as(
         "SELECT id, name, position, status, attempts, max_attempts, started_at, finished_at, output, error,
-                reused_from_run
+                reused_from_run, lease_owner, attempt_started_at
            FROM crm_sync.steps WHERE run_id = $1 ORDER BY position",
     )
     .bind(id)
@@ -132,6 +137,21 @@ pub async fn run_detail(pool: &PgPool, id: Uuid) -> Result<Option<RunDetail>, sq
     for attempt in attempts {
         if let Some(step) = steps.iter_mut().find(|s| s.id == attempt.step_id) {
             step.attempt_log.push(attempt);
+        }
+    }
+    for step in steps.iter_mut().filter(|s| s.status == "running") {
+        if let (Some(worker_id), Some(started_at)) =
+            (step.lease_owner.clone(), step.attempt_started_at)
+        {
+            step.attempt_log.push(AttemptRecord {
+                step_id: step.id,
+                attempt: step.attempts,
+                worker_id,
+                started_at,
+                finished_at: None,
+                outcome: "running".into(),
+                error: None,
+            });
         }
     }
     Ok(Some(RunDetail { run, steps }))

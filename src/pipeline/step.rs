@@ -26,7 +26,8 @@ pub struct StepContext {
 }
 
 impl StepContext {
-    /// This step's attempt number counted over the whole batch (a retry run continues the count).
+    /// This step's attempt number counted over the whole batch (a retry run continues the count):
+    /// the attempts that ended before this one, plus this one.
     pub async fn batch_attempt(&self) -> Result<u64, sqlx::Error> {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM crm_sync.attempts a
@@ -38,7 +39,7 @@ impl StepContext {
         .bind(&self.step_name)
         .fetch_one(&self.pool)
         .await?;
-        Ok(n.max(0) as u64)
+        Ok(n.max(0) as u64 + 1)
     }
 }
 
