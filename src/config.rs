@@ -267,9 +267,10 @@ impl Config {
         };
 
         let server = section::<ServerConfig>(raw.server, text, "server", &mut issues);
+        let worker_line = raw.worker.as_ref().map(|w| line_of(text, w.span().start));
         let worker = section::<WorkerConfig>(raw.worker, text, "worker", &mut issues);
         if let Some(w) = &worker {
-            check_worker(w, &mut issues);
+            check_worker(w, worker_line, &mut issues);
         }
 
         let mut pipelines = Vec::new();
@@ -368,10 +369,10 @@ fn section<T: for<'de> Deserialize<'de>>(
     }
 }
 
-fn check_worker(w: &WorkerConfig, issues: &mut Vec<ConfigIssue>) {
+fn check_worker(w: &WorkerConfig, line: Option<usize>, issues: &mut Vec<ConfigIssue>) {
     let mut bad = |field: &str, message: &str| {
         issues.push(ConfigIssue {
-            line: None,
+            line,
             location: format!("worker.{field}"),
             message: message.to_string(),
         })
