@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::scheduler::cron::CatchUp;
+
 /// Where the config file is looked for when neither `--config` nor `CRM_SYNC_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "./crm-sync.toml";
 
@@ -132,6 +134,10 @@ pub struct PipelineConfig {
     /// Runs of this pipeline active at once (1 keeps two full refreshes from racing); 0 = no limit.
     #[serde(default = "default_max_concurrent_runs")]
     pub max_concurrent_runs: u32,
+    /// What to do with ticks missed while no scheduler was running: "skip", "latest" (default),
+    /// "all" (at most 100) or "all:N".
+    #[serde(default = "default_catch_up")]
+    pub catch_up: CatchUp,
     /// A pipeline whose last success is older than this is reported stale.
     #[serde(default, deserialize_with = "optional_duration")]
     pub freshness_sla: Option<Duration>,
@@ -158,6 +164,9 @@ fn default_retry_backoff_max() -> Duration {
 }
 fn default_max_concurrent_runs() -> u32 {
     1
+}
+fn default_catch_up() -> CatchUp {
+    CatchUp::Latest
 }
 
 /// Where a pipeline's data comes from; `kind` selects the variant.
@@ -448,13 +457,17 @@ fn check_pipeline(
             ),
         );
     }
-    if let Some(schedule) = &p.schedule
-        && schedule.trim().is_empty()
-    {
-        bad(
-            "schedule",
-            "must not be empty (leave it out for manual-only pipelines)".into(),
-        );
+    if let Some(schedule) = &p.schedule {
+        if schedule.trim().is_empty() {
+            bad(
+                "schedule",
+                "must not be empty (leave it out for manual-only pipelines)".into(),
+            );
+        } else if let Err(e) = crate::scheduler::cron::Schedule::parse(schedule, &p.timezone)
+            && !matches!(e, crate::scheduler::cron::ScheduleError::UnknownTimeZone(_))
+        {
+            bad("schedule", format!("\"{schedule}\": {e}"));
+        }
     }
     match &p.source {
         SourceConfig::Noop(noop) => {

@@ -8,6 +8,7 @@
 //! - [`worker`]: the process that claims steps, runs them with timeouts and heartbeats, and reports back;
 //! - [`pipeline`]: what a pipeline's steps are and how each one runs;
 //! - [`sources`]: where data comes from (the `noop` source for smoke tests and benchmarks);
+//! - [`scheduler`]: cron ticks in time zones into runs, once per tick across replicas;
 //! - [`history`]: read-side queries over runs, steps and attempts (the run log);
 //! - [`bench`]: the project's own benchmark commands;
 //! - [`cli`]: the `crm-sync` command line.
@@ -19,6 +20,7 @@ pub mod db;
 pub mod history;
 pub mod pipeline;
 pub mod queue;
+pub mod scheduler;
 pub mod sources;
 pub mod telemetry;
 pub mod worker;

@@ -110,6 +110,7 @@ fn bench_config(config: &Config) -> Config {
         retry_backoff: Duration::from_millis(100),
         retry_backoff_max: Duration::from_secs(1),
         max_concurrent_runs: 0,
+        catch_up: crate::scheduler::cron::CatchUp::Latest,
         freshness_sla: None,
         source: SourceConfig::Noop(NoopConfig {
             sleep_ms: 0,

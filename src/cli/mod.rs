@@ -17,6 +17,7 @@ use crate::bench;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::pipeline::{Executor, registry};
 use crate::queue::{self, Trigger};
+use crate::scheduler::Scheduler;
 use crate::telemetry::{self, LogFormat};
 use crate::worker::{Worker, WorkerOptions};
 use crate::{db, history};
@@ -52,12 +53,17 @@ enum Command {
         after_help = "Example:\n  DATABASE_URL=postgres://postgres@127.0.0.1/crm_sync crm-sync migrate"
     )]
     Migrate,
-    /// Run the service: workers now; the HTTP API and the scheduler join as they land.
-    #[command(after_help = "Example:\n  crm-sync --config crm-sync.toml serve --concurrency 16")]
+    /// Run the service: workers and the scheduler (the HTTP API joins as it lands).
+    #[command(
+        after_help = "Examples:\n  crm-sync --config crm-sync.toml serve --concurrency 16\n  crm-sync serve --no-scheduler"
+    )]
     Serve {
         /// Do not run workers in this process.
         #[arg(long)]
         no_workers: bool,
+        /// Do not run the scheduler in this process.
+        #[arg(long)]
+        no_scheduler: bool,
         /// Steps run at once (overrides [worker] concurrency).
         #[arg(long)]
         concurrency: Option<usize>,
@@ -68,6 +74,16 @@ enum Command {
         /// Steps run at once (overrides [worker] concurrency).
         #[arg(long)]
         concurrency: Option<usize>,
+    },
+    /// Run only the scheduler: turn cron ticks into runs until SIGTERM (any number of replicas).
+    #[command(after_help = "Example:\n  crm-sync --config crm-sync.toml scheduler")]
+    Scheduler,
+    /// List every pipeline's next fire times, in its own time zone and in UTC.
+    #[command(after_help = "Examples:\n  crm-sync schedules\n  crm-sync schedules --count 5")]
+    Schedules {
+        /// Fire times shown per pipeline.
+        #[arg(long, default_value_t = 3)]
+        count: usize,
     },
     /// Enqueue a run of a pipeline.
     #[command(
@@ -223,16 +239,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Serve {
             no_workers,
+            no_scheduler,
             concurrency,
-        } => {
-            if no_workers {
-                bail!(
-                    "nothing to serve: the HTTP API and scheduler are not part of this build yet, and --no-workers disables the workers"
-                );
-            }
-            run_worker(config, concurrency).await
+        } => serve(config, !no_workers, !no_scheduler, concurrency).await,
+        Command::Worker { concurrency } => serve(config, true, false, concurrency).await,
+        Command::Scheduler => serve(config, false, true, None).await,
+        Command::Schedules { count } => {
+            output::print_schedules(&config, count, chrono::Utc::now())?;
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Worker { concurrency } => run_worker(config, concurrency).await,
         Command::Run {
             name,
             wait,
@@ -371,7 +386,18 @@ fn parse_run_id(s: &str) -> anyhow::Result<Uuid> {
     })
 }
 
-async fn run_worker(config: Config, concurrency: Option<usize>) -> anyhow::Result<ExitCode> {
+/// Runs the chosen roles in this process until SIGTERM or Ctrl-C, then shuts each down gracefully.
+async fn serve(
+    config: Config,
+    workers: bool,
+    scheduler: bool,
+    concurrency: Option<usize>,
+) -> anyhow::Result<ExitCode> {
+    if !workers && !scheduler {
+        bail!(
+            "nothing to run: --no-workers and --no-scheduler leave no role (the HTTP API is not part of this build yet)"
+        );
+    }
     let mut config = config;
     if let Some(c) = concurrency {
         if c == 0 {
@@ -380,14 +406,29 @@ async fn run_worker(config: Config, concurrency: Option<usize>) -> anyhow::Resul
         config.worker.concurrency = c;
     }
     let pool = connect_ready(&config).await?;
-    let opts = WorkerOptions::from_config(&config.worker);
-    let config = Arc::new(config);
-    let worker = Worker::new(pool.clone(), Executor::new(config), opts);
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    worker.run(shutdown).await?;
+    let mut roles = tokio::task::JoinSet::new();
+    if scheduler {
+        let scheduler = Scheduler::new(pool.clone(), &config)?;
+        roles.spawn(scheduler.run(shutdown.clone()));
+    }
+    if workers {
+        let opts = WorkerOptions::from_config(&config.worker);
+        let worker = Worker::new(pool.clone(), Executor::new(Arc::new(config.clone())), opts);
+        let token = shutdown.clone();
+        roles.spawn(async move { worker.run(token).await.map(|_| ()) });
+    }
+    let mut result = Ok(());
+    while let Some(done) = roles.join_next().await {
+        // One role failing stops the others: a half-running service is worse than a restart.
+        if let Err(e) = done.map_err(anyhow::Error::from).and_then(|r| r) {
+            shutdown.cancel();
+            result = Err(e);
+        }
+    }
     pool.close().await;
-    Ok(ExitCode::SUCCESS)
+    result.map(|_| ExitCode::SUCCESS)
 }
 
 /// SIGTERM or Ctrl-C: stop claiming and shut down gracefully.

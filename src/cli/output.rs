@@ -2,7 +2,9 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
+use crate::config::Config;
 use crate::history::{RunDetail, RunSummary};
+use crate::scheduler;
 
 fn time(t: Option<DateTime<Utc>>) -> String {
     t.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
@@ -110,4 +112,46 @@ pub fn print_run(d: &RunDetail) {
             );
         }
     }
+}
+
+/// `crm-sync schedules`: the next fire times of every pipeline, local and UTC.
+pub fn print_schedules(config: &Config, count: usize, now: DateTime<Utc>) -> anyhow::Result<()> {
+    if config.pipelines.is_empty() {
+        println!("no pipelines configured");
+    }
+    for p in &config.pipelines {
+        let Some(s) = scheduler::parse_schedule(p)
+            .map_err(|e| anyhow::anyhow!("pipeline \"{}\": {e}", p.name))?
+        else {
+            println!("{}: manual only (no schedule)", p.name);
+            continue;
+        };
+        let state = if p.enabled {
+            ""
+        } else {
+            " [disabled: not scheduled]"
+        };
+        println!(
+            "{}: \"{}\" in {} (catch-up: {}){state}",
+            p.name,
+            s.schedule.expression(),
+            s.schedule.timezone(),
+            s.catch_up
+        );
+        let mut after = now;
+        for _ in 0..count {
+            let Some(next) = s.schedule.next_after(after) else {
+                println!("  (no further occurrence)");
+                break;
+            };
+            let local = next.with_timezone(&s.schedule.timezone());
+            println!(
+                "  {}  =  {}",
+                local.format("%Y-%m-%d %H:%M:%S %Z (%:z)"),
+                next.format("%Y-%m-%d %H:%M:%S UTC")
+            );
+            after = next;
+        }
+    }
+    Ok(())
 }
