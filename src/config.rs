@@ -568,6 +568,48 @@ source = { kind = "carrier-pigeon" }
     }
 
     #[test]
+    fn bad_schedules_time_zones_and_catch_up_name_the_pipeline() {
+        let text = r#"
+[[pipelines]]
+name = "nightly"
+schedule = "0 25 * * *"
+source = { kind = "noop" }
+
+[[pipelines]]
+name = "bangkok"
+schedule = "0 2 * * *"
+timezone = "Asia/Bangkokk"
+source = { kind = "noop" }
+
+[[pipelines]]
+name = "eager"
+schedule = "@daily"
+catch_up = "sometimes"
+source = { kind = "noop" }
+"#;
+        let err = parse(text).unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.contains(
+                "test.toml:2: pipelines[0] \"nightly\".schedule: \"0 25 * * *\": hour field"
+            ),
+            "{shown}"
+        );
+        assert!(
+            shown
+                .contains("pipelines[1] \"bangkok\".timezone: unknown time zone \"Asia/Bangkokk\""),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("pipelines[2] \"eager\"") && shown.contains("sometimes"),
+            "{shown}"
+        );
+        assert_eq!(err.issues.len(), 3, "{shown}");
+        let ok = parse("[[pipelines]]\nname = \"a\"\nschedule = \"*/5 * * * MON-FRI\"\ncatch_up = \"all:3\"\nsource = { kind = \"noop\" }\n").unwrap();
+        assert_eq!(ok.pipelines[0].catch_up, CatchUp::All { max: 3 });
+    }
+
+    #[test]
     fn duplicate_names_are_rejected() {
         let one = "[[pipelines]]\nname = \"x\"\nsource = { kind = \"noop\" }\n";
         let err = parse(&format!("{one}{one}")).unwrap_err();
