@@ -10,6 +10,7 @@
 //! - [`sources`]: where data comes from (the `noop` source for smoke tests and benchmarks);
 //! - [`scheduler`]: cron ticks in time zones into runs, once per tick across replicas;
 //! - [`history`]: read-side queries over runs, steps and attempts (the run log);
+//! - [`fixtures`]: stand-in EZ Focus and Qashier servers for tests and the demo;
 //! - [`bench`]: the project's own benchmark commands;
 //! - [`cli`]: the `crm-sync` command line.
 
@@ -17,6 +18,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod fixtures;
 pub mod history;
 pub mod pipeline;
 pub mod queue;

@@ -155,6 +155,9 @@ enum Command {
         after_help = "Example:\n  crm-sync --config crm-sync.toml check-config"
     )]
     CheckConfig,
+    /// Serve a stand-in CRM (tests, the demo, trying a config) until Ctrl-C.
+    #[command(subcommand)]
+    Fixture(FixtureCommand),
     /// The project's own benchmarks; they print figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -165,6 +168,38 @@ struct WaitOpts {
     /// With --wait: give up after this long (e.g. 10m).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     wait_timeout: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+enum FixtureCommand {
+    /// The EZ Focus accounts API: `GET /api` with Basic auth and a dataset key.
+    #[command(
+        after_help = "Example:\n  crm-sync fixture ezfocus --port 8081 --rows 2700\n  curl -u fixture-user:fixture-password 'http://127.0.0.1:8081/api?key=00000000-0000-4000-8000-00000000a001&prov=ON&seg=&tpcl=SUCC,LRS,MED'"
+    )]
+    Ezfocus {
+        #[arg(long, default_value_t = 8081)]
+        port: u16,
+        /// Accounts answered to the standard query (up to millions; streamed).
+        #[arg(long, default_value_t = crate::fixtures::ezfocus::DEFAULT_ROWS)]
+        rows: usize,
+        /// Seed of the synthetic data: same seed, same bytes.
+        #[arg(long, default_value_t = crate::fixtures::ezfocus::DEFAULT_SEED)]
+        seed: u64,
+    },
+    /// The Qashier back office: a login page, a slow customer list, Export and a CSV download.
+    #[command(
+        after_help = "Example:\n  crm-sync fixture qashier --port 8082\n  then open http://127.0.0.1:8082/#/login?redirect=/customer-management"
+    )]
+    Qashier {
+        #[arg(long, default_value_t = 8082)]
+        port: u16,
+        /// Customers in the export.
+        #[arg(long, default_value_t = crate::fixtures::qashier::DEFAULT_ROWS)]
+        rows: usize,
+        /// How long the customer list takes to load before Export appears.
+        #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
+        list_delay: Duration,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -228,9 +263,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::CheckConfig = cli.command {
         return Ok(check_config(&cli));
     }
+    if let Command::Fixture(fixture) = cli.command {
+        return serve_fixture(fixture).await;
+    }
     let config = load_config(&cli)?;
     match cli.command {
-        Command::CheckConfig => unreachable!("handled above"),
+        Command::CheckConfig | Command::Fixture(_) => unreachable!("handled above"),
         Command::Migrate => {
             let pool = connect(&config).await?;
             db::migrate(&pool).await?;
@@ -376,6 +414,61 @@ fn check_config(cli: &Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn serve_fixture(fixture: FixtureCommand) -> anyhow::Result<ExitCode> {
+    use crate::fixtures::{ezfocus, qashier};
+    let bind = |port: u16| async move {
+        tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))
+    };
+    match fixture {
+        FixtureCommand::Ezfocus { port, rows, seed } => {
+            let cfg = ezfocus::EzFocusConfig {
+                rows,
+                seed,
+                ..ezfocus::EzFocusConfig::default()
+            };
+            let key = cfg.accounts_key().unwrap_or_default().to_string();
+            let server = ezfocus::EzFocusFixture::start(cfg, bind(port).await?).await?;
+            println!(
+                "EZ Focus fixture at {}/api ({rows} accounts)",
+                server.base_url()
+            );
+            println!(
+                "  user {} / password {}, accounts key {key}",
+                ezfocus::DEFAULT_USERNAME,
+                ezfocus::DEFAULT_PASSWORD
+            );
+            tokio::signal::ctrl_c().await?;
+            server.stop().await;
+        }
+        FixtureCommand::Qashier {
+            port,
+            rows,
+            list_delay,
+        } => {
+            let cfg = qashier::QashierConfig {
+                rows,
+                list_delay,
+                ..qashier::QashierConfig::default()
+            };
+            let server = qashier::QashierFixture::start(cfg, bind(port).await?).await?;
+            println!(
+                "Qashier fixture at {} ({rows} customers)",
+                server.login_url()
+            );
+            println!(
+                "  user {} / password {}",
+                qashier::DEFAULT_USERNAME,
+                qashier::DEFAULT_PASSWORD
+            );
+            tokio::signal::ctrl_c().await?;
+            server.stop().await;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_run_id(s: &str) -> anyhow::Result<Uuid> {
