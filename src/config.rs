@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::backup::BackupConfig;
 use crate::scheduler::cron::CatchUp;
 
 /// Where the config file is looked for when neither `--config` nor `CRM_SYNC_CONFIG` is given.
@@ -142,6 +143,9 @@ pub struct PipelineConfig {
     #[serde(default, deserialize_with = "optional_duration")]
     pub freshness_sla: Option<Duration>,
     pub source: SourceConfig,
+    /// Where raw extracts are kept (default: a local directory).
+    #[serde(default)]
+    pub backup: BackupConfig,
 }
 
 fn default_timezone() -> String {
@@ -175,6 +179,10 @@ fn default_catch_up() -> CatchUp {
 pub enum SourceConfig {
     /// Runs only no-op steps: the smoke-test and benchmark pipeline.
     Noop(crate::sources::noop::NoopConfig),
+    /// One GET of a JSON answer.
+    HttpJson(crate::sources::http::HttpJsonConfig),
+    /// The EZ Focus API (a preset of `http_json`).
+    Ezfocus(crate::sources::http::EzFocusSourceConfig),
 }
 
 impl PipelineConfig {
@@ -469,12 +477,16 @@ fn check_pipeline(
             bad("schedule", format!("\"{schedule}\": {e}"));
         }
     }
-    match &p.source {
-        SourceConfig::Noop(noop) => {
-            if let Err(message) = noop.check() {
-                bad("source", message);
-            }
-        }
+    let source = match &p.source {
+        SourceConfig::Noop(noop) => noop.check(),
+        SourceConfig::HttpJson(http) => http.check(),
+        SourceConfig::Ezfocus(ez) => ez.to_http().check(),
+    };
+    if let Err(message) = source {
+        bad("source", message);
+    }
+    if let Err(message) = p.backup.check() {
+        bad("backup", message);
     }
 }
 

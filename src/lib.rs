@@ -7,13 +7,16 @@
 //!   wrappers over the SQL functions in `migrations/`, which are the single source of truth;
 //! - [`worker`]: the process that claims steps, runs them with timeouts and heartbeats, and reports back;
 //! - [`pipeline`]: what a pipeline's steps are and how each one runs;
-//! - [`sources`]: where data comes from (the `noop` source for smoke tests and benchmarks);
+//! - [`sources`]: where data comes from (`noop`, `http_json`, `ezfocus`);
+//! - [`backup`]: raw copies of every extract, the checkpoint later steps read;
+//! - [`secrets`]: credentials from the environment or secret files, never from the config;
 //! - [`scheduler`]: cron ticks in time zones into runs, once per tick across replicas;
 //! - [`history`]: read-side queries over runs, steps and attempts (the run log);
 //! - [`fixtures`]: stand-in EZ Focus and Qashier servers for tests and the demo;
 //! - [`bench`]: the project's own benchmark commands;
 //! - [`cli`]: the `crm-sync` command line.
 
+pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -23,6 +26,7 @@ pub mod history;
 pub mod pipeline;
 pub mod queue;
 pub mod scheduler;
+pub mod secrets;
 pub mod sources;
 pub mod telemetry;
 pub mod worker;

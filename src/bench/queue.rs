@@ -119,6 +119,7 @@ fn bench_config(config: &Config) -> Config {
             fail_step: None,
             steps: 1,
         }),
+        backup: Default::default(),
     };
     Config {
         path: Some(PathBuf::from("(bench)")),

@@ -1,3 +1,4 @@
 //! Where a pipeline's data comes from. Each kind is selected by `source.kind` in the config.
 
+pub mod http;
 pub mod noop;

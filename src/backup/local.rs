@@ -1,0 +1,134 @@
+//! The `local` backup store: files under a directory. Each object is written to a temporary file in
+//! the same directory, fsynced, then renamed, so readers never see a partial object.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::ObjectInfo;
+use crate::pipeline::StepError;
+
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    pub async fn put_stream<S>(&self, name: &str, mut body: S) -> Result<ObjectInfo, StepError>
+    where
+        S: Stream<Item = Result<Bytes, StepError>> + Unpin,
+    {
+        let path = self.root.join(name);
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| io_error("create backup directory", &dir, e))?;
+        let tmp = dir.join(format!(
+            ".{}.partial-{}",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("object"),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let result = write_all(&tmp, &mut body).await;
+        let (bytes, sha256) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = tokio::fs::rename(&tmp, &path).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(io_error("finish backup object", &path, e));
+        }
+        let absolute = std::path::absolute(&path).unwrap_or(path);
+        Ok(ObjectInfo {
+            uri: format!("file://{}", absolute.display()),
+            bytes,
+            sha256,
+        })
+    }
+}
+
+async fn write_all<S>(tmp: &Path, body: &mut S) -> Result<(u64, String), StepError>
+where
+    S: Stream<Item = Result<Bytes, StepError>> + Unpin,
+{
+    let mut file = tokio::fs::File::create(tmp)
+        .await
+        .map_err(|e| io_error("create backup object", tmp, e))?;
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        hasher.update(&chunk);
+        bytes += chunk.len() as u64;
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| io_error("write backup object", tmp, e))?;
+    }
+    file.flush()
+        .await
+        .map_err(|e| io_error("write backup object", tmp, e))?;
+    file.sync_all()
+        .await
+        .map_err(|e| io_error("sync backup object", tmp, e))?;
+    Ok((bytes, hex::encode(hasher.finalize())))
+}
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> StepError {
+    StepError::retryable(format!("cannot {what} {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_whole_objects_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf());
+        let chunks = vec![
+            Ok(Bytes::from_static(b"[1,")),
+            Ok(Bytes::from_static(b"2]")),
+        ];
+        let info = store
+            .put_stream("a/b/c.json", futures::stream::iter(chunks))
+            .await
+            .unwrap();
+        assert_eq!(info.bytes, 5);
+        assert_eq!(info.sha256, hex::encode(Sha256::digest(b"[1,2]")));
+        assert_eq!(
+            std::fs::read(dir.path().join("a/b/c.json")).unwrap(),
+            b"[1,2]"
+        );
+        assert!(info.uri.starts_with("file:///") && info.uri.ends_with("a/b/c.json"));
+
+        let cut = vec![
+            Ok(Bytes::from_static(b"[1,")),
+            Err(StepError::retryable("connection reset")),
+        ];
+        let err = store
+            .put_stream("a/b/d.json", futures::stream::iter(cut))
+            .await
+            .unwrap_err();
+        assert_eq!(err.message, "connection reset");
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("a/b"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("c.json")],
+            "a partial object was left behind"
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! Secrets come from the environment or from files (Docker/Kubernetes secrets), never from the config
+//! file itself. The config names *where* a secret is; [`SecretRef::resolve`] reads it when a step
+//! needs it, and the value's `Debug` never shows it.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Where a secret lives: `{ env = "EZFOCUS_PASSWORD" }` or `{ file = "/run/secrets/ezfocus_password" }`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    #[serde(default)]
+    pub env: Option<String>,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+/// A secret value. Its `Debug` and `Display` print `***`, so it cannot leak into logs by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, for the one place that must send it (an auth header, a URL query).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl SecretRef {
+    /// Checks the reference itself (exactly one of env/file); the value is read later.
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.env, &self.file) {
+            (Some(e), None) if !e.is_empty() => Ok(()),
+            (None, Some(f)) if !f.as_os_str().is_empty() => Ok(()),
+            _ => Err("a secret needs exactly one of `env = \"NAME\"` or `file = \"/path\"`".into()),
+        }
+    }
+
+    /// Reads the secret. Errors name the variable or file, never the value.
+    pub fn resolve(&self) -> Result<Secret, String> {
+        if let Some(name) = &self.env {
+            return match std::env::var(name) {
+                Ok(v) if !v.is_empty() => Ok(Secret(v)),
+                Ok(_) => Err(format!("environment variable {name} is empty")),
+                Err(_) => Err(format!("environment variable {name} is not set")),
+            };
+        }
+        if let Some(path) = &self.file {
+            return match std::fs::read_to_string(path) {
+                // Secret files usually end with a newline that is not part of the secret.
+                Ok(v) if !v.trim_end_matches(['\r', '\n']).is_empty() => {
+                    Ok(Secret(v.trim_end_matches(['\r', '\n']).to_string()))
+                }
+                Ok(_) => Err(format!("secret file {} is empty", path.display())),
+                Err(e) => Err(format!("cannot read secret file {}: {e}", path.display())),
+            };
+        }
+        Err("a secret needs `env` or `file`".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_from_env_and_file_and_never_shows_the_value() {
+        // SAFETY: the variable name is unique to this test.
+        unsafe { std::env::set_var("CRM_SYNC_TEST_SECRET_RESOLVE", "hunter2-value") };
+        let s = SecretRef {
+            env: Some("CRM_SYNC_TEST_SECRET_RESOLVE".into()),
+            file: None,
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(s.expose(), "hunter2-value");
+        assert!(!format!("{s:?} {s}").contains("hunter2"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let s = SecretRef {
+            env: None,
+            file: Some(path),
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(s.expose(), "from-file");
+
+        let missing = SecretRef {
+            env: Some("CRM_SYNC_TEST_SECRET_MISSING".into()),
+            file: None,
+        }
+        .resolve()
+        .unwrap_err();
+        assert_eq!(
+            missing,
+            "environment variable CRM_SYNC_TEST_SECRET_MISSING is not set"
+        );
+        assert!(
+            SecretRef {
+                env: Some("A".into()),
+                file: Some("b".into())
+            }
+            .check()
+            .is_err()
+        );
+    }
+}
