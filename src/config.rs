@@ -14,7 +14,10 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::backup::BackupConfig;
+use crate::destinations::DestinationConfig;
 use crate::scheduler::cron::CatchUp;
+use crate::transform::TransformConfig;
+use crate::validate::ValidateConfig;
 
 /// Where the config file is looked for when neither `--config` nor `CRM_SYNC_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "./crm-sync.toml";
@@ -146,6 +149,15 @@ pub struct PipelineConfig {
     /// Where raw extracts are kept (default: a local directory).
     #[serde(default)]
     pub backup: BackupConfig,
+    /// How raw records become the destination's columns.
+    #[serde(default)]
+    pub transform: Option<TransformConfig>,
+    /// The gate a batch must pass before anything is replaced.
+    #[serde(default)]
+    pub validate: Option<ValidateConfig>,
+    /// Where batches are loaded.
+    #[serde(default)]
+    pub destination: Option<DestinationConfig>,
 }
 
 fn default_timezone() -> String {
@@ -487,6 +499,41 @@ fn check_pipeline(
     }
     if let Err(message) = p.backup.check() {
         bad("backup", message);
+    }
+    let noop = matches!(p.source, SourceConfig::Noop(_));
+    for (present, table) in [
+        (p.transform.is_some(), "transform"),
+        (p.validate.is_some(), "validate"),
+        (p.destination.is_some(), "destination"),
+    ] {
+        if noop && present {
+            bad(
+                table,
+                "a noop pipeline runs only no-op steps; remove this table".into(),
+            );
+        }
+    }
+    if let Some(t) = &p.transform
+        && let Err(message) = t.check()
+    {
+        bad("transform", message);
+    }
+    if !noop && p.transform.is_none() && (p.validate.is_some() || p.destination.is_some()) {
+        bad(
+            "transform",
+            "validate and destination need a [transform] that declares the columns".into(),
+        );
+    }
+    if let (Some(v), Some(t)) = (&p.validate, &p.transform) {
+        let columns: Vec<String> = t.columns.iter().map(|c| c.name.clone()).collect();
+        if let Err(message) = v.check(&columns) {
+            bad("validate", message);
+        }
+    }
+    if let Some(d) = &p.destination
+        && let Err(message) = d.check()
+    {
+        bad("destination", message);
     }
 }
 

@@ -58,6 +58,51 @@ impl LocalStore {
     }
 }
 
+impl LocalStore {
+    /// A fresh temporary path beside where `name` will live.
+    pub fn temp_path(&self, name: &str) -> PathBuf {
+        let path = self.root.join(name);
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join(format!(
+            ".{}.partial-{}",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("object"),
+            uuid::Uuid::new_v4().simple()
+        ))
+    }
+
+    /// Moves a finished temporary file (from [`LocalStore::temp_path`]) into place, with its checksum.
+    pub async fn put_file(&self, name: &str, tmp: &Path) -> Result<ObjectInfo, StepError> {
+        let path = self.root.join(name);
+        let file = tokio::fs::File::open(tmp)
+            .await
+            .map_err(|e| io_error("open staging file", tmp, e))?;
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(|chunk| {
+            chunk.map_err(|e| StepError::retryable(format!("cannot read {}: {e}", tmp.display())))
+        });
+        let mut hasher = Sha256::new();
+        let mut bytes = 0u64;
+        let mut stream = Box::pin(stream);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            bytes += chunk.len() as u64;
+        }
+        if let Err(e) = tokio::fs::rename(tmp, &path).await {
+            let _ = tokio::fs::remove_file(tmp).await;
+            return Err(io_error("finish object", &path, e));
+        }
+        let absolute = std::path::absolute(&path).unwrap_or(path);
+        Ok(ObjectInfo {
+            uri: format!("file://{}", absolute.display()),
+            bytes,
+            sha256: hex::encode(hasher.finalize()),
+        })
+    }
+}
+
 async fn write_all<S>(tmp: &Path, body: &mut S) -> Result<(u64, String), StepError>
 where
     S: Stream<Item = Result<Bytes, StepError>> + Unpin,

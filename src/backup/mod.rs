@@ -75,6 +75,25 @@ pub enum BackupStore {
 }
 
 impl BackupStore {
+    /// A temporary path on the store's file system for an object about to be written with
+    /// [`BackupStore::put_file`] (same directory, so the final rename is atomic).
+    pub fn temp_path(&self, name: &str) -> PathBuf {
+        match self {
+            BackupStore::Local(store) => store.temp_path(name),
+        }
+    }
+
+    /// Stores a finished file under `name` (moved into place atomically).
+    pub async fn put_file(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+    ) -> Result<ObjectInfo, StepError> {
+        match self {
+            BackupStore::Local(store) => store.put_file(name, path).await,
+        }
+    }
+
     /// Stores a stream under `name`, atomically: the object appears whole or not at all.
     pub async fn put_stream<S>(&self, name: &str, body: S) -> Result<ObjectInfo, StepError>
     where

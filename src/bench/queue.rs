@@ -120,6 +120,9 @@ fn bench_config(config: &Config) -> Config {
             steps: 1,
         }),
         backup: Default::default(),
+        transform: None,
+        validate: None,
+        destination: None,
     };
     Config {
         path: Some(PathBuf::from("(bench)")),

@@ -1,31 +1,48 @@
 //! What a pipeline's steps are and how each one runs.
 //!
-//! A pipeline is source -> backup -> transform -> validate -> load; each step is a durable job in the
-//! queue whose output (a checkpoint) the next step reads. The `noop` source has only no-op steps.
+//! A pipeline is source -> backup -> transform -> validate -> load. `extract` fetches from the source
+//! straight into the raw backup; `transform` casts the raw records into a staging object; `validate`
+//! gates the batch; `load` replaces the destination atomically. Each step is a durable job whose output
+//! (a checkpoint) the next step reads, so a retry resumes where the run failed. The `noop` source has
+//! only no-op steps.
 
 pub mod registry;
 mod step;
+mod steps;
 
-pub use step::{ErrorClass, StepContext, StepError};
+pub use step::{ErrorClass, StepContext, StepDone, StepError};
 
 use std::sync::Arc;
 
-use serde_json::Value;
-
 use crate::config::{Config, PipelineConfig, SourceConfig};
-use crate::{backup, sources};
+use crate::sources;
+
+/// Fetches from the source into the raw backup.
+pub const EXTRACT: &str = "extract";
+/// Casts the raw records into the staging object.
+pub const TRANSFORM: &str = "transform";
+/// Gates the batch before anything is replaced.
+pub const VALIDATE: &str = "validate";
+/// Replaces the destination with the batch.
+pub const LOAD: &str = "load";
 
 /// The names of a pipeline's steps, in the order they run.
 pub fn step_names(pipeline: &PipelineConfig) -> Vec<String> {
-    match &pipeline.source {
-        SourceConfig::Noop(noop) => sources::noop::step_names(noop.steps),
-        // Transform, validate and load follow as they are built (issue 4).
-        SourceConfig::HttpJson(_) | SourceConfig::Ezfocus(_) => vec![EXTRACT.to_string()],
+    if let SourceConfig::Noop(noop) = &pipeline.source {
+        return sources::noop::step_names(noop.steps);
     }
+    let mut steps = vec![EXTRACT];
+    if pipeline.transform.is_some() {
+        steps.push(TRANSFORM);
+    }
+    if pipeline.validate.is_some() {
+        steps.push(VALIDATE);
+    }
+    if pipeline.destination.is_some() {
+        steps.push(LOAD);
+    }
+    steps.into_iter().map(String::from).collect()
 }
-
-/// The step that fetches from the source and writes the raw backup.
-pub const EXTRACT: &str = "extract";
 
 /// Runs claimed steps against the pipelines of the config this process loaded.
 #[derive(Clone)]
@@ -44,40 +61,27 @@ impl Executor {
     }
 
     /// Runs one step to its checkpoint (the JSON stored as the step's output).
-    pub async fn run_step(&self, ctx: &StepContext) -> Result<Value, StepError> {
+    pub async fn run_step(&self, ctx: &StepContext) -> Result<StepDone, StepError> {
         let Some(pipeline) = self.config.pipeline(&ctx.pipeline) else {
             return Err(StepError::terminal(format!(
                 "pipeline \"{}\" is not in this worker's config",
                 ctx.pipeline
             )));
         };
-        match (&pipeline.source, ctx.step_name.as_str()) {
-            (SourceConfig::Noop(noop), _) => sources::noop::run_step(noop, ctx).await,
-            (SourceConfig::HttpJson(http), EXTRACT) => extract_http(pipeline, http, ctx).await,
-            (SourceConfig::Ezfocus(ez), EXTRACT) => {
-                extract_http(pipeline, &ez.to_http(), ctx).await
-            }
-            (_, other) => Err(StepError::terminal(format!(
+        if let SourceConfig::Noop(noop) = &pipeline.source {
+            return sources::noop::run_step(noop, ctx)
+                .await
+                .map(StepDone::Output);
+        }
+        match ctx.step_name.as_str() {
+            EXTRACT => steps::extract(pipeline, ctx).await.map(StepDone::Output),
+            TRANSFORM => steps::transform(pipeline, ctx).await.map(StepDone::Output),
+            VALIDATE => steps::validate(pipeline, ctx).await.map(StepDone::Output),
+            LOAD => steps::load(pipeline, ctx).await,
+            other => Err(StepError::terminal(format!(
                 "pipeline \"{}\" has no step \"{other}\" in this worker's config",
                 pipeline.name
             ))),
         }
     }
-}
-
-async fn extract_http(
-    pipeline: &PipelineConfig,
-    http: &sources::http::HttpJsonConfig,
-    ctx: &StepContext,
-) -> Result<Value, StepError> {
-    let tz: chrono_tz::Tz = pipeline.timezone.parse().unwrap_or(chrono_tz::UTC);
-    let object = backup::object_name(
-        pipeline.backup.path_template(),
-        &pipeline.name,
-        &ctx.batch_id,
-        chrono::Utc::now(),
-        tz,
-        "json",
-    );
-    sources::http::extract(http, &pipeline.backup.store(), &object).await
 }

@@ -11,6 +11,8 @@ use uuid::Uuid;
 #[derive(Debug, Clone)]
 pub struct StepContext {
     pub pool: PgPool,
+    /// The worker running the step (completions inside a load's transaction name it).
+    pub worker_id: String,
     pub step_id: i64,
     pub run_id: Uuid,
     pub batch_id: String,
@@ -40,6 +42,24 @@ impl StepContext {
         .fetch_one(&self.pool)
         .await?;
         Ok(n.max(0) as u64 + 1)
+    }
+}
+
+/// A step's success: its checkpoint, and whether the step already recorded its own completion (a load
+/// into crm-sync's database commits the completion in its own transaction).
+#[derive(Debug, Clone)]
+pub enum StepDone {
+    /// The worker records the completion.
+    Output(Value),
+    /// Already completed, in the same transaction as the step's writes.
+    Committed(Value),
+}
+
+impl StepDone {
+    pub fn output(&self) -> &Value {
+        match self {
+            StepDone::Output(v) | StepDone::Committed(v) => v,
+        }
     }
 }
 

@@ -34,7 +34,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::config::WorkerConfig;
-use crate::pipeline::{Executor, StepContext, StepError};
+use crate::pipeline::{Executor, StepContext, StepDone, StepError};
 use crate::queue::{self, CANCEL_CHANNEL, ClaimedStep, FailOutcome, Lease, STEPS_CHANNEL};
 
 /// How one worker process behaves; built from `[worker]` in the config.
@@ -100,7 +100,7 @@ struct InFlight {
 
 struct Finished {
     step: ClaimedStep,
-    result: Result<Value, StepError>,
+    result: Result<StepDone, StepError>,
     elapsed: Duration,
     _permit: OwnedSemaphorePermit,
 }
@@ -258,6 +258,7 @@ fn start_step(
     );
     let ctx = StepContext {
         pool: shared.pool.clone(),
+        worker_id: shared.opts.id.clone(),
         step_id: step.step_id,
         run_id: step.run_id,
         batch_id: step.batch_id.clone(),
@@ -351,15 +352,23 @@ async fn flush(shared: Arc<Shared>, mut done_rx: mpsc::Receiver<Finished>) {
 async fn record_successes(shared: &Shared, ok: &[Finished]) {
     let done: Vec<(Lease, Value)> = ok
         .iter()
-        .map(|f| (f.step.lease(), f.result.clone().unwrap_or(Value::Null)))
+        .filter_map(|f| match &f.result {
+            Ok(StepDone::Output(v)) => Some((f.step.lease(), v.clone())),
+            _ => None,
+        })
         .collect();
-    let accepted = persist("completing steps", || {
-        queue::complete(&shared.pool, &shared.opts.id, &done)
-    })
-    .await;
+    let accepted = if done.is_empty() {
+        Default::default()
+    } else {
+        persist("completing steps", || {
+            queue::complete(&shared.pool, &shared.opts.id, &done)
+        })
+        .await
+    };
     for f in ok {
         let _span = step_span(&f.step).entered();
-        if accepted.contains(&f.step.step_id) {
+        let committed = matches!(f.result, Ok(StepDone::Committed(_)));
+        if committed || accepted.contains(&f.step.step_id) {
             shared.succeeded.fetch_add(1, Ordering::Relaxed);
             info!(duration_ms = f.elapsed.as_millis() as u64, "step succeeded");
         } else {

@@ -1,0 +1,168 @@
+//! The four steps of a data pipeline. Each reads the checkpoints of the steps before it (`ctx.inputs`)
+//! and returns its own.
+
+use std::io::BufReader;
+use std::path::PathBuf;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+
+use super::{EXTRACT, StepContext, StepDone, StepError, TRANSFORM, VALIDATE};
+use crate::backup;
+use crate::config::{PipelineConfig, SourceConfig};
+use crate::destinations::{DestinationConfig, postgres};
+use crate::sources;
+use crate::transform::{self, TransformKind};
+use crate::validate::{self, ValidationReport};
+
+pub async fn extract(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Value, StepError> {
+    let http = match &pipeline.source {
+        SourceConfig::HttpJson(http) => http.clone(),
+        SourceConfig::Ezfocus(ez) => ez.to_http(),
+        SourceConfig::Noop(_) => {
+            return Err(StepError::terminal("a noop pipeline has no extract step"));
+        }
+    };
+    let tz: chrono_tz::Tz = pipeline.timezone.parse().unwrap_or(chrono_tz::UTC);
+    let object = backup::object_name(
+        pipeline.backup.path_template(),
+        &pipeline.name,
+        &ctx.batch_id,
+        Utc::now(),
+        tz,
+        "json",
+    );
+    sources::http::extract(&http, &pipeline.backup.store(), &object).await
+}
+
+pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Value, StepError> {
+    let config = pipeline
+        .transform
+        .clone()
+        .ok_or_else(|| StepError::terminal("the pipeline has no [transform]"))?;
+    let raw = local_object(input(ctx, EXTRACT, "object")?)?;
+    let store = pipeline.backup.store();
+    let staging_name = format!("{}/staging/{}.ndjson", pipeline.name, ctx.batch_id);
+    let batch_id = ctx.batch_id.clone();
+    let staging_tmp = store.temp_path(&staging_name);
+    let tmp = staging_tmp.clone();
+    let stats = tokio::task::spawn_blocking(move || {
+        let input = std::fs::File::open(&raw).map_err(|e| {
+            StepError::retryable(format!("cannot open the raw backup {}: {e}", raw.display()))
+        })?;
+        let output = std::fs::File::create(&tmp)
+            .map_err(|e| StepError::retryable(format!("cannot create the staging object: {e}")))?;
+        let stats = match config.kind {
+            TransformKind::Json => {
+                transform::json_to_ndjson(&config, input, &output, &batch_id, Utc::now())?
+            }
+        };
+        output
+            .sync_all()
+            .map_err(|e| StepError::retryable(format!("cannot write the staging object: {e}")))?;
+        Ok::<_, StepError>(stats)
+    })
+    .await
+    .map_err(|e| StepError::retryable(format!("transform task failed: {e}")))?;
+    let stats = match stats {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&staging_tmp);
+            return Err(e);
+        }
+    };
+    let info = store.put_file(&staging_name, &staging_tmp).await?;
+    Ok(json!({
+        "object": info.uri,
+        "bytes": info.bytes,
+        "sha256": info.sha256,
+        "rows": stats.rows,
+        "warnings": stats.warnings,
+        "dropped_fields": stats.dropped_fields,
+    }))
+}
+
+pub async fn validate(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Value, StepError> {
+    let config = pipeline.validate.clone().unwrap_or_default();
+    let staging = local_object(input(ctx, TRANSFORM, "object")?)?;
+    let rows = input(ctx, TRANSFORM, "rows")?.as_u64().unwrap_or(0);
+    let previous = previous_rows(ctx).await?;
+    let report: ValidationReport = tokio::task::spawn_blocking(move || {
+        validate::validate(
+            &config,
+            previous,
+            || std::fs::File::open(&staging).map(|f| BufReader::with_capacity(256 * 1024, f)),
+            rows,
+        )
+    })
+    .await
+    .map_err(|e| StepError::retryable(format!("validation task failed: {e}")))??;
+    if !report.errors.is_empty() {
+        return Err(StepError::terminal(format!(
+            "validation failed; the destination was left as it was: {}",
+            report.errors.join("; ")
+        )));
+    }
+    serde_json::to_value(&report).map_err(|e| StepError::terminal(e.to_string()))
+}
+
+pub async fn load(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<StepDone, StepError> {
+    let transform = pipeline
+        .transform
+        .as_ref()
+        .ok_or_else(|| StepError::terminal("the pipeline has no [transform]"))?;
+    let staging = local_object(input(ctx, TRANSFORM, "object")?)?;
+    let rows = input(ctx, TRANSFORM, "rows")?.as_u64().unwrap_or(0);
+    match &pipeline.destination {
+        Some(DestinationConfig::Postgres { table, url }) => {
+            let columns = postgres::Columns {
+                data: transform
+                    .columns
+                    .iter()
+                    .map(|c| (c.name.as_str(), c.column_type))
+                    .collect(),
+                batch: &transform.batch_column,
+                timestamp: &transform.timestamp_column,
+            };
+            postgres::load(table, url.as_ref(), &columns, &staging, rows, ctx).await
+        }
+        None => Err(StepError::terminal("the pipeline has no [destination]")),
+    }
+}
+
+/// A field of an earlier step's checkpoint.
+fn input<'a>(ctx: &'a StepContext, step: &str, field: &str) -> Result<&'a Value, StepError> {
+    ctx.inputs
+        .get(step)
+        .and_then(|o| o.get(field))
+        .ok_or_else(|| StepError::terminal(format!("the {step} checkpoint has no {field}")))
+}
+
+fn local_object(uri: &Value) -> Result<PathBuf, StepError> {
+    let uri = uri.as_str().unwrap_or_default();
+    uri.strip_prefix("file://")
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            StepError::terminal(format!(
+                "cannot read {uri}: only local backups are supported by this build"
+            ))
+        })
+}
+
+/// Rows of the last successful batch of this pipeline (the drift check's baseline).
+async fn previous_rows(ctx: &StepContext) -> Result<Option<u64>, StepError> {
+    let rows: Option<i64> = sqlx::query_scalar(
+        "SELECT (s.output->>'rows')::bigint FROM crm_sync.runs r
+           JOIN crm_sync.steps s ON s.run_id = r.id AND s.name = $3
+          WHERE r.pipeline = $1 AND r.status = 'succeeded' AND r.batch_id <> $2
+          ORDER BY r.finished_at DESC LIMIT 1",
+    )
+    .bind(&ctx.pipeline)
+    .bind(&ctx.batch_id)
+    .bind(VALIDATE)
+    .fetch_optional(&ctx.pool)
+    .await
+    .map_err(StepError::from_db)?
+    .flatten();
+    Ok(rows.map(|r| r.max(0) as u64))
+}

@@ -1,0 +1,288 @@
+//! The transform step: reads the raw backup, renames and casts each record to the declared columns,
+//! adds the batch columns, and writes newline-delimited JSON (the staging object the load reads).
+//!
+//! It streams: records are read one at a time from the raw object and written as they are cast, so
+//! memory does not grow with the row count. Values that cannot be cast become NULL and are counted as
+//! warnings per column and reason; a payload that is not what the source promised is a terminal error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::io::{BufReader, BufWriter, Read, Write};
+
+use chrono::{DateTime, Utc};
+use serde::de::{DeserializeSeed, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::pipeline::StepError;
+use crate::schema::ColumnSpec;
+
+/// `[pipelines.transform]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformConfig {
+    /// The raw format: `json` (a top-level array of flat objects).
+    pub kind: TransformKind,
+    /// The output columns, in order; source fields not listed are dropped (and counted).
+    pub columns: Vec<ColumnSpec>,
+    /// Name of the column carrying the run's batch id.
+    #[serde(default = "default_batch_column")]
+    pub batch_column: String,
+    /// Name of the column carrying the UTC time the batch was prepared for loading.
+    #[serde(default = "default_timestamp_column")]
+    pub timestamp_column: String,
+}
+
+fn default_batch_column() -> String {
+    "batch_id".into()
+}
+fn default_timestamp_column() -> String {
+    "load_timestamp".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransformKind {
+    Json,
+}
+
+impl TransformConfig {
+    /// Checks values serde cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if self.columns.is_empty() {
+            return Err("transform needs at least one column".into());
+        }
+        let mut seen = BTreeSet::new();
+        for name in self
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .chain([self.batch_column.as_str(), self.timestamp_column.as_str()])
+        {
+            if !is_identifier(name) {
+                return Err(format!(
+                    "column name \"{name}\" must be letters, digits and '_', starting with a letter or '_'"
+                ));
+            }
+            if !seen.insert(name) {
+                return Err(format!("column \"{name}\" is declared twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a name is safe to use unquoted as a SQL column (and matches BigQuery's rules).
+pub fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 63
+}
+
+/// What the transform did, recorded in its step output.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TransformStats {
+    pub rows: u64,
+    /// "column: reason" -> count of values stored as NULL.
+    pub warnings: BTreeMap<String, u64>,
+    /// Source fields not in the declared columns (at most 50 names listed).
+    pub dropped_fields: BTreeSet<String>,
+}
+
+/// Reads a JSON array of records from `input` and writes one cast record per line to `output`.
+pub fn json_to_ndjson(
+    config: &TransformConfig,
+    input: impl Read,
+    output: impl Write,
+    batch_id: &str,
+    prepared_at: DateTime<Utc>,
+) -> Result<TransformStats, StepError> {
+    let mut writer = BufWriter::with_capacity(256 * 1024, output);
+    let mut stats = TransformStats::default();
+    let mut io_error = None;
+    let sink = RecordSink {
+        config,
+        out: &mut writer,
+        stats: &mut stats,
+        batch_id,
+        prepared_at: prepared_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        io_error: &mut io_error,
+    };
+    let mut de = serde_json::Deserializer::from_reader(BufReader::with_capacity(256 * 1024, input));
+    let parsed = sink.deserialize(&mut de).and_then(|_| de.end());
+    if let Some(e) = io_error {
+        return Err(StepError::retryable(format!(
+            "cannot write the staging object: {e}"
+        )));
+    }
+    parsed.map_err(|e| {
+        if e.is_io() {
+            StepError::retryable(format!("cannot read the raw backup: {e}"))
+        } else {
+            StepError::terminal(format!("the extract is not a JSON array of records: {e}"))
+        }
+    })?;
+    writer
+        .flush()
+        .map_err(|e| StepError::retryable(format!("cannot write the staging object: {e}")))?;
+    Ok(stats)
+}
+
+/// Receives the records of the top-level array one by one (serde's streaming way to read an array).
+struct RecordSink<'a, W: Write> {
+    config: &'a TransformConfig,
+    out: &'a mut W,
+    stats: &'a mut TransformStats,
+    batch_id: &'a str,
+    prepared_at: String,
+    io_error: &'a mut Option<std::io::Error>,
+}
+
+impl<'de, W: Write> DeserializeSeed<'de> for RecordSink<'_, W> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de, W: Write> Visitor<'de> for RecordSink<'_, W> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON array of objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut line = Vec::with_capacity(1024);
+        while let Some(record) = seq.next_element::<Map<String, Value>>()? {
+            let row = cast_record(self.config, &record, self.stats);
+            let mut row = row;
+            row.insert(
+                self.config.batch_column.clone(),
+                Value::String(self.batch_id.to_string()),
+            );
+            row.insert(
+                self.config.timestamp_column.clone(),
+                Value::String(self.prepared_at.clone()),
+            );
+            line.clear();
+            serde_json::to_writer(&mut line, &row).map_err(serde::de::Error::custom)?;
+            line.push(b'\n');
+            if let Err(e) = self.out.write_all(&line) {
+                let message = e.to_string();
+                *self.io_error = Some(e);
+                return Err(serde::de::Error::custom(message));
+            }
+            self.stats.rows += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Casts one record to the declared columns, counting what could not be cast and what was dropped.
+pub fn cast_record(
+    config: &TransformConfig,
+    record: &Map<String, Value>,
+    stats: &mut TransformStats,
+) -> Map<String, Value> {
+    let mut row = Map::new();
+    for column in &config.columns {
+        let raw = record.get(column.source_field()).unwrap_or(&Value::Null);
+        let value = match column.cast(raw) {
+            Ok(v) => v,
+            Err(reason) => {
+                *stats
+                    .warnings
+                    .entry(format!("{}: {reason}", column.name))
+                    .or_default() += 1;
+                Value::Null
+            }
+        };
+        row.insert(column.name.clone(), value);
+    }
+    if stats.dropped_fields.len() < 50 {
+        for field in record.keys() {
+            if !config.columns.iter().any(|c| c.source_field() == field) {
+                stats.dropped_fields.insert(field.clone());
+            }
+        }
+    }
+    row
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn config() -> TransformConfig {
+        toml::from_str(
+            r#"
+kind = "json"
+columns = [
+  { name = "store_id", from = "accnt_no", type = "string" },
+  { name = "latitude", type = "float" },
+  { name = "client_since", type = "date" },
+]
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn renames_casts_and_stamps_every_record() {
+        let input =
+            br#"[{"accnt_no": 7, "latitude": "43.5", "client_since": "2020-01-02", "extra": 1},
+                          {"accnt_no": "8", "latitude": null, "client_since": "someday"}]"#;
+        let mut out = Vec::new();
+        let at = Utc.with_ymd_and_hms(2026, 11, 24, 6, 0, 0).unwrap();
+        let stats = json_to_ndjson(&config(), &input[..], &mut out, "b1", at).unwrap();
+        let lines: Vec<Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(stats.rows, 2);
+        assert_eq!(lines[0]["store_id"], "7");
+        assert_eq!(lines[0]["latitude"], 43.5);
+        assert_eq!(lines[0]["client_since"], "2020-01-02");
+        assert_eq!(lines[0]["batch_id"], "b1");
+        assert_eq!(lines[0]["load_timestamp"], "2026-11-24T06:00:00.000000Z");
+        assert_eq!(lines[1]["client_since"], Value::Null);
+        assert_eq!(
+            stats.warnings.get("client_since: unparseable date"),
+            Some(&1)
+        );
+        assert!(stats.dropped_fields.contains("extra"));
+    }
+
+    #[test]
+    fn malformed_payloads_are_terminal_errors_that_say_where() {
+        let at = Utc::now();
+        for (input, expect) in [
+            (
+                &b"[{\"accnt_no\": 1}, {\"accnt_no\": "[..],
+                "EOF while parsing",
+            ),
+            (
+                &b"{\"error\": \"maintenance\"}"[..],
+                "expected a JSON array of objects",
+            ),
+            (&b"[1, 2]"[..], "invalid type: integer"),
+            (&b"[] trailing"[..], "trailing characters"),
+        ] {
+            let err = json_to_ndjson(&config(), input, Vec::new(), "b", at).unwrap_err();
+            assert!(!err.is_retryable(), "{input:?}");
+            assert!(
+                err.message.contains(expect),
+                "{}: {}",
+                String::from_utf8_lossy(input),
+                err.message
+            );
+        }
+        let stats = json_to_ndjson(&config(), &b"[]"[..], Vec::new(), "b", at).unwrap();
+        assert_eq!(stats.rows, 0);
+    }
+}
