@@ -15,3 +15,13 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --no-fail-fast "$@"
 fi
+
+# Memory flatness is measured with an optimised binary (a million rows in a debug build takes minutes).
+echo "== streaming memory check (release build)"
+cargo build --release --bin crm-sync
+export CRM_SYNC_BENCH_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/crm-sync"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --test bench_memory --run-ignored ignored-only --no-capture
+else
+  cargo test --test bench_memory -- --ignored --nocapture
+fi

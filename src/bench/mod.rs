@@ -1,3 +1,4 @@
 //! The project's own benchmark commands (`crm-sync bench ...`): they print figures; tests never time.
 
+pub mod pipeline;
 pub mod queue;

@@ -209,6 +209,11 @@ enum BenchCommand {
         after_help = "Examples:\n  crm-sync bench queue --jobs 20000 --concurrency 200\n  crm-sync bench queue --latency --samples 200"
     )]
     Queue(bench::queue::QueueBenchArgs),
+    /// Rows per second and peak memory of the EZ Focus pipeline over N synthetic accounts.
+    #[command(
+        after_help = "Examples:\n  crm-sync bench pipeline --rows 100000\n  crm-sync bench pipeline --rows 1000000 --destination postgres --json"
+    )]
+    Pipeline(bench::pipeline::PipelineBenchArgs),
 }
 
 /// Parses arguments, runs the command, and maps the outcome to an exit status.
@@ -377,6 +382,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("the database schema is missing or outdated: run `crm-sync migrate` first");
             }
             bench::queue::run(&config, pool, &args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Pipeline(args)) => {
+            let pool = connect(&config).await?;
+            if !db::migrations_current(&pool).await? {
+                bail!("the database schema is missing or outdated: run `crm-sync migrate` first");
+            }
+            bench::pipeline::run(&config, pool, &args).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,7 +1,9 @@
 //! The `postgres` destination: a full replace in one transaction (DELETE, then COPY of the staging
 //! rows), so concurrent readers keep seeing the previous batch until the new one commits whole.
 //! When the table lives in crm-sync's own database, the step's fenced completion commits in the same
-//! transaction: a worker that lost its lease cannot load, and a load is never recorded twice.
+//! transaction: a worker that lost its lease rolls its load back, and a load is never recorded twice.
+//! (Two workers loading at once after a takeover serialise on the table's row locks; the stale one's
+//! completion is refused and its transaction rolled back.)
 
 use serde_json::{Map, Value, json};
 use sqlx::{Connection, PgConnection};
@@ -84,9 +86,10 @@ pub async fn load(
     };
     let mut tx = conn.begin().await.map_err(StepError::from_db)?;
     if same_database {
-        // Hold our step row: a takeover now waits for us, and a lost lease stops the load here.
+        // A lease already lost stops the load here. The step row is not locked now (heartbeats must
+        // keep renewing it during a long COPY); the fenced completion at the end decides.
         let held: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM crm_sync.steps WHERE id = $1 AND fence = $2 AND status = 'running' FOR UPDATE",
+            "SELECT id FROM crm_sync.steps WHERE id = $1 AND fence = $2 AND status = 'running'",
         )
         .bind(ctx.step_id)
         .bind(ctx.fence)

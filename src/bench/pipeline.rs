@@ -1,0 +1,214 @@
+//! `crm-sync bench pipeline`: the EZ Focus pipeline (`examples/ezfocus.toml`, embedded) over N
+//! synthetic accounts from the in-process fixture -> local backup -> transform -> validate ->
+//! PostgreSQL, run by the real worker. Prints rows per second per step and overall, and peak RSS, so
+//! that streaming (flat memory as N grows) is measured, not assumed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::fixtures::ezfocus::{self, EzFocusConfig, EzFocusFixture};
+use crate::pipeline::{Executor, registry};
+use crate::queue::{self, Trigger};
+use crate::worker::{Worker, WorkerOptions};
+
+/// The benchmark's pipeline: the shipped example, so the figures are those of the real config.
+const EXAMPLE: &str = include_str!("../../examples/ezfocus.toml");
+const PIPELINE: &str = "__bench_ezfocus_accounts";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PipelineBenchArgs {
+    /// Accounts the fixture serves.
+    #[arg(long, default_value_t = 100_000)]
+    pub rows: usize,
+    /// Where the batch is loaded (only `postgres` in this build).
+    #[arg(long, default_value = "postgres", value_parser = ["postgres"])]
+    pub destination: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct StepFigure {
+    step: String,
+    seconds: f64,
+    rows_per_second: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    rows: u64,
+    raw_bytes: u64,
+    steps: Vec<StepFigure>,
+    total_seconds: f64,
+    rows_per_second: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+pub async fn run(config: &Config, pool: PgPool, args: &PipelineBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.rows > 0, "--rows must be at least 1");
+    let fixture = EzFocusFixture::start_on_free_port(EzFocusConfig::with_rows(args.rows)).await?;
+    let backups = tempdir()?;
+    let bench = bench_config(config, &fixture.base_url(), &backups, args.rows)?;
+    let mut conn = pool.acquire().await?;
+    registry::register(
+        &mut conn,
+        &registry::Registration::from(&bench.pipelines[0]),
+    )
+    .await?;
+    drop(conn);
+
+    let shutdown = CancellationToken::new();
+    let worker = Worker::new(
+        pool.clone(),
+        Executor::new(Arc::new(bench.clone())),
+        WorkerOptions::from_config(&bench.worker),
+    );
+    let handle = tokio::spawn(worker.run(shutdown.clone()));
+    let started = Instant::now();
+    let id = queue::enqueue(&pool, PIPELINE, &json!({}), None, Trigger::Cli).await?;
+    let status = loop {
+        let (status, error): (String, Option<String>) =
+            sqlx::query_as("SELECT status, error FROM crm_sync.runs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await?;
+        match status.as_str() {
+            "succeeded" => break status,
+            "failed" | "cancelled" => {
+                anyhow::bail!("benchmark run {status}: {}", error.unwrap_or_default())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let total = started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    handle.await??;
+    fixture.stop().await;
+    let _ = std::fs::remove_dir_all(&backups);
+
+    let steps: Vec<(String, f64, serde_json::Value)> = sqlx::query_as(
+        "SELECT name, extract(epoch FROM finished_at - started_at)::float8, coalesce(output, '{}')
+           FROM crm_sync.steps WHERE run_id = $1 ORDER BY position",
+    )
+    .bind(id)
+    .fetch_all(&pool)
+    .await?;
+    let rows = steps
+        .iter()
+        .find(|s| s.0 == "transform")
+        .and_then(|s| s.2["rows"].as_u64())
+        .unwrap_or(0);
+    let raw_bytes = steps
+        .first()
+        .and_then(|s| s.2["bytes"].as_u64())
+        .unwrap_or(0);
+    let report = Report {
+        rows,
+        raw_bytes,
+        steps: steps
+            .iter()
+            .map(|(step, seconds, _)| StepFigure {
+                step: step.clone(),
+                seconds: *seconds,
+                rows_per_second: rows as f64 / seconds.max(1e-9),
+            })
+            .collect(),
+        total_seconds: total,
+        rows_per_second: rows as f64 / total.max(1e-9),
+        peak_rss_mib: super::queue::peak_rss_mib(),
+    };
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS {}",
+        bench_table()
+    )))
+    .execute(&pool)
+    .await?;
+    sqlx::query("DELETE FROM crm_sync.runs WHERE pipeline = $1")
+        .bind(PIPELINE)
+        .execute(&pool)
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "bench pipeline: {} accounts ({:.1} MiB raw), fixture -> local backup -> transform -> validate -> {} ({status})",
+            report.rows,
+            report.raw_bytes as f64 / (1024.0 * 1024.0),
+            args.destination
+        );
+        for s in &report.steps {
+            println!(
+                "  {:<10} {:>8.3} s  {:>10.0} rows/s",
+                s.step, s.seconds, s.rows_per_second
+            );
+        }
+        println!(
+            "  {:<10} {:>8.3} s  {:>10.0} rows/s (enqueue to success)",
+            "overall", report.total_seconds, report.rows_per_second
+        );
+        match report.peak_rss_mib {
+            Some(m) => println!("  peak RSS: {m:.1} MiB"),
+            None => println!("  peak RSS: unknown"),
+        }
+    }
+    Ok(())
+}
+
+fn bench_table() -> &'static str {
+    "crm_sync_bench.accounts_list"
+}
+
+fn tempdir() -> anyhow::Result<std::path::PathBuf> {
+    let dir =
+        std::env::temp_dir().join(format!("crm-sync-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).context("creating the benchmark's backup directory")?;
+    Ok(dir)
+}
+
+/// The example pipeline, renamed, pointed at the in-process fixture, with bounds for `rows`.
+fn bench_config(
+    config: &Config,
+    base_url: &str,
+    backups: &std::path::Path,
+    rows: usize,
+) -> anyhow::Result<Config> {
+    let mut text = EXAMPLE
+        .replace(
+            "name = \"ezfocus_accounts\"",
+            &format!("name = \"{PIPELINE}\""),
+        )
+        .replace("http://127.0.0.1:8081", base_url)
+        .replace("./crm-sync-backups", &backups.display().to_string())
+        .replace("ezfocus.accounts_list", bench_table())
+        .replace("min_rows = 2600", "min_rows = 1")
+        .replace("max_rows = 2700", &format!("max_rows = {rows}"))
+        .replace(
+            "max_violations = 10",
+            &format!("max_violations = {}", rows / 50 + 10),
+        )
+        .replace("schedule = \"0 1 * * *\"\n", "");
+    for (var, value) in [
+        ("EZFOCUS_ACCOUNTS_KEY", ezfocus::DEFAULT_ACCOUNTS_KEY),
+        ("EZFOCUS_USERNAME", ezfocus::DEFAULT_USERNAME),
+        ("EZFOCUS_PASSWORD", ezfocus::DEFAULT_PASSWORD),
+    ] {
+        let path = backups.join(format!(".{var}"));
+        std::fs::write(&path, value)?;
+        text = text.replace(
+            &format!("{{ env = \"{var}\" }}"),
+            &format!("{{ file = \"{}\" }}", path.display()),
+        );
+    }
+    let mut bench = Config::parse(&text, std::path::Path::new("(bench pipeline)"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    bench.database_url = config.database_url.clone();
+    Ok(bench)
+}

@@ -1,0 +1,52 @@
+//! Streaming is measured, not assumed: `crm-sync bench pipeline` at 100,000 and 1,000,000 accounts
+//! must peak at about the same resident memory. Needs an optimised binary (a debug build takes minutes
+//! for a million rows), so it is ignored by default; `scripts/test.sh` builds the release binary and
+//! runs it with `CRM_SYNC_BENCH_BIN` set.
+
+mod common;
+
+use std::process::Command;
+
+use common::TestDb;
+
+fn peak_rss(bin: &str, config: &std::path::Path, rows: u32) -> f64 {
+    let out = Command::new(bin)
+        .args([
+            "--config",
+            &config.display().to_string(),
+            "bench",
+            "pipeline",
+            "--rows",
+            &rows.to_string(),
+            "--json",
+        ])
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run the benchmark");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["rows"], rows, "{report}");
+    println!("{rows} rows: {report}");
+    report["peak_rss_mib"].as_f64().expect("peak RSS reported")
+}
+
+#[tokio::test]
+#[ignore = "needs a release binary in CRM_SYNC_BENCH_BIN; scripts/test.sh runs it"]
+async fn pipeline_memory_stays_flat_from_100k_to_1m_rows() {
+    let bin = std::env::var("CRM_SYNC_BENCH_BIN")
+        .expect("CRM_SYNC_BENCH_BIN names a release crm-sync binary");
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_config(dir.path(), &db, "");
+    let small = peak_rss(&bin, &config, 100_000);
+    let large = peak_rss(&bin, &config, 1_000_000);
+    assert!(
+        large <= small * 1.25 && small <= large * 1.25,
+        "peak RSS {small:.1} MiB at 100k rows vs {large:.1} MiB at 1M rows: not within 25 %"
+    );
+}
