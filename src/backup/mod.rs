@@ -1,5 +1,6 @@
 //! Raw backups of every extract, kept as the checkpoint that later steps read, so a retry never
-//! re-extracts. `local` (a directory, the default) today; `gcs` joins with the EZ Focus pipeline.
+//! re-extracts: `local` (a directory, the default) or `gcs` (a bucket; also where BigQuery load jobs
+//! read the staged batch from).
 
 mod local;
 
@@ -10,9 +11,12 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
 
+use crate::gcp::CredentialsConfig;
+use crate::gcp::gcs::{GcsError, GcsStore, parse_gs_uri};
 use crate::pipeline::StepError;
 
 /// `[pipelines.backup]`: where raw extracts are kept.
@@ -25,6 +29,20 @@ pub enum BackupConfig {
         /// Object name template; see [`object_name`].
         #[serde(default)]
         path: Option<String>,
+    },
+    /// Objects in a Cloud Storage bucket.
+    Gcs {
+        bucket: String,
+        /// Object name template; see [`object_name`].
+        #[serde(default)]
+        path: Option<String>,
+        /// An emulator's base URL (fake-gcs-server); production leaves it out.
+        #[serde(default)]
+        endpoint: Option<String>,
+        #[serde(default)]
+        project: Option<String>,
+        #[serde(default)]
+        credentials: CredentialsConfig,
     },
 }
 
@@ -40,7 +58,7 @@ impl Default for BackupConfig {
 impl BackupConfig {
     pub fn path_template(&self) -> Option<&str> {
         match self {
-            BackupConfig::Local { path, .. } => path.as_deref(),
+            BackupConfig::Local { path, .. } | BackupConfig::Gcs { path, .. } => path.as_deref(),
         }
     }
 
@@ -49,13 +67,33 @@ impl BackupConfig {
         if let Some(t) = self.path_template() {
             check_template(t)?;
         }
+        if let BackupConfig::Gcs { bucket, .. } = self
+            && (bucket.len() < 3 || bucket.contains('/'))
+        {
+            return Err(format!("\"{bucket}\" is not a bucket name"));
+        }
         Ok(())
     }
 
     /// Opens the store this config names.
-    pub fn store(&self) -> BackupStore {
+    pub async fn store(&self) -> Result<BackupStore, StepError> {
         match self {
-            BackupConfig::Local { dir, .. } => BackupStore::Local(LocalStore::new(dir.clone())),
+            BackupConfig::Local { dir, .. } => Ok(BackupStore::Local(LocalStore::new(dir.clone()))),
+            BackupConfig::Gcs {
+                bucket,
+                endpoint,
+                project,
+                credentials,
+                ..
+            } => {
+                let store = GcsStore::new(endpoint.clone(), project.clone(), credentials.into())
+                    .await
+                    .map_err(gcs_error)?;
+                Ok(BackupStore::Gcs {
+                    store: Box::new(store),
+                    bucket: bucket.clone(),
+                })
+            }
         }
     }
 }
@@ -69,21 +107,22 @@ pub struct ObjectInfo {
 }
 
 /// An opened backup store.
-#[derive(Debug, Clone)]
 pub enum BackupStore {
     Local(LocalStore),
+    Gcs { store: Box<GcsStore>, bucket: String },
 }
 
 impl BackupStore {
-    /// A temporary path on the store's file system for an object about to be written with
-    /// [`BackupStore::put_file`] (same directory, so the final rename is atomic).
+    /// A temporary local path for an object about to be written with [`BackupStore::put_file`]
+    /// (beside its final place for a local store, so the final rename is atomic).
     pub fn temp_path(&self, name: &str) -> PathBuf {
         match self {
             BackupStore::Local(store) => store.temp_path(name),
+            BackupStore::Gcs { .. } => scratch_path(),
         }
     }
 
-    /// Stores a finished file under `name` (moved into place atomically).
+    /// Stores a finished file under `name`: moved into place, or uploaded and then removed.
     pub async fn put_file(
         &self,
         name: &str,
@@ -91,17 +130,108 @@ impl BackupStore {
     ) -> Result<ObjectInfo, StepError> {
         match self {
             BackupStore::Local(store) => store.put_file(name, path).await,
+            BackupStore::Gcs { .. } => {
+                let file = tokio::fs::File::open(path).await.map_err(|e| {
+                    StepError::retryable(format!("cannot open {}: {e}", path.display()))
+                })?;
+                let body =
+                    tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(|chunk| {
+                        chunk.map_err(|e| {
+                            StepError::retryable(format!("cannot read the staged file: {e}"))
+                        })
+                    });
+                let info = self.put_stream(name, Box::pin(body)).await;
+                let _ = tokio::fs::remove_file(path).await;
+                info
+            }
         }
     }
 
     /// Stores a stream under `name`, atomically: the object appears whole or not at all.
     pub async fn put_stream<S>(&self, name: &str, body: S) -> Result<ObjectInfo, StepError>
     where
-        S: Stream<Item = Result<Bytes, StepError>> + Unpin,
+        S: Stream<Item = Result<Bytes, StepError>> + Unpin + Send + 'static,
     {
         match self {
             BackupStore::Local(store) => store.put_stream(name, body).await,
+            BackupStore::Gcs { store, bucket } => {
+                let info = store
+                    .put_stream(bucket, name, body)
+                    .await
+                    .map_err(gcs_error)?;
+                Ok(ObjectInfo {
+                    uri: info.uri,
+                    bytes: info.size,
+                    sha256: info.sha256_hex,
+                })
+            }
         }
+    }
+}
+
+/// A local copy of a stored object for the steps that read it: the file itself for `file://`, a
+/// streamed download for `gs://` (deleted when dropped).
+pub struct LocalCopy {
+    pub path: PathBuf,
+    temporary: bool,
+}
+
+impl Drop for LocalCopy {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Fetches the object at `uri` (from an earlier step's checkpoint) to a local file.
+pub async fn local_copy(uri: &str, config: &BackupConfig) -> Result<LocalCopy, StepError> {
+    if let Some(path) = uri.strip_prefix("file://") {
+        return Ok(LocalCopy {
+            path: PathBuf::from(path),
+            temporary: false,
+        });
+    }
+    let Some((bucket, object)) = parse_gs_uri(uri) else {
+        return Err(StepError::terminal(format!(
+            "cannot read {uri}: not a file:// or gs:// URI"
+        )));
+    };
+    let BackupStore::Gcs { store, .. } = config.store().await? else {
+        return Err(StepError::terminal(format!(
+            "cannot read {uri}: the pipeline's backup is not gcs"
+        )));
+    };
+    let copy = LocalCopy {
+        path: scratch_path(),
+        temporary: true,
+    };
+    let write_error = |e: std::io::Error| {
+        StepError::retryable(format!("cannot write a local copy of {uri}: {e}"))
+    };
+    let mut body = store.get_stream(bucket, object).await.map_err(gcs_error)?;
+    let mut file = tokio::fs::File::create(&copy.path)
+        .await
+        .map_err(write_error)?;
+    while let Some(chunk) = body.next().await {
+        file.write_all(&chunk.map_err(gcs_error)?)
+            .await
+            .map_err(write_error)?;
+    }
+    file.flush().await.map_err(write_error)?;
+    Ok(copy)
+}
+
+fn scratch_path() -> PathBuf {
+    std::env::temp_dir().join(format!("crm-sync-{}.tmp", uuid::Uuid::new_v4().simple()))
+}
+
+/// GCS errors keep their class; a failed source stream (a cut answer) is worth retrying.
+pub fn gcs_error(e: GcsError) -> StepError {
+    if e.is_retryable() || matches!(e, GcsError::Source { .. }) {
+        StepError::retryable(e.to_string())
+    } else {
+        StepError::terminal(e.to_string())
     }
 }
 

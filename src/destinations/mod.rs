@@ -1,10 +1,12 @@
 //! Where validated batches are loaded, atomically: readers see the previous batch or the new one,
 //! never a mix and never an empty table.
 
+pub mod bigquery;
 pub mod postgres;
 
 use serde::Deserialize;
 
+use crate::gcp::CredentialsConfig;
 use crate::secrets::SecretRef;
 
 /// `[pipelines.destination]`.
@@ -20,6 +22,17 @@ pub enum DestinationConfig {
         #[serde(default)]
         url: Option<SecretRef>,
     },
+    /// A BigQuery table, replaced by one load job (WRITE_TRUNCATE) from the batch staged in GCS.
+    Bigquery {
+        project: String,
+        dataset: String,
+        table: String,
+        /// An emulator's base URL (ending before `/bigquery/v2`); production leaves it out.
+        #[serde(default)]
+        endpoint: Option<String>,
+        #[serde(default)]
+        credentials: CredentialsConfig,
+    },
 }
 
 impl DestinationConfig {
@@ -29,6 +42,23 @@ impl DestinationConfig {
                 postgres::split_table(table)?;
                 if let Some(u) = url {
                     u.check()?;
+                }
+                Ok(())
+            }
+            DestinationConfig::Bigquery {
+                project,
+                dataset,
+                table,
+                ..
+            } => {
+                for (what, name) in [("project", project), ("dataset", dataset), ("table", table)] {
+                    let ok = !name.is_empty()
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                    if !ok {
+                        return Err(format!("BigQuery {what} \"{name}\" is not a valid name"));
+                    }
                 }
                 Ok(())
             }

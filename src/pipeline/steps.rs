@@ -2,7 +2,6 @@
 //! and returns its own.
 
 use std::io::BufReader;
-use std::path::PathBuf;
 
 use chrono::Utc;
 use serde_json::{Value, json};
@@ -10,7 +9,7 @@ use serde_json::{Value, json};
 use super::{EXTRACT, StepContext, StepDone, StepError, TRANSFORM, VALIDATE};
 use crate::backup;
 use crate::config::{PipelineConfig, SourceConfig};
-use crate::destinations::{DestinationConfig, postgres};
+use crate::destinations::{DestinationConfig, bigquery, postgres};
 use crate::sources;
 use crate::transform::{self, TransformKind};
 use crate::validate::{self, ValidationReport};
@@ -32,7 +31,8 @@ pub async fn extract(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Val
         tz,
         "json",
     );
-    sources::http::extract(&http, &pipeline.backup.store(), &object).await
+    let store = pipeline.backup.store().await?;
+    sources::http::extract(&http, &store, &object).await
 }
 
 pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Value, StepError> {
@@ -40,8 +40,9 @@ pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<V
         .transform
         .clone()
         .ok_or_else(|| StepError::terminal("the pipeline has no [transform]"))?;
-    let raw = local_object(input(ctx, EXTRACT, "object")?)?;
-    let store = pipeline.backup.store();
+    let raw_copy = backup::local_copy(input_str(ctx, EXTRACT, "object")?, &pipeline.backup).await?;
+    let raw = raw_copy.path.clone();
+    let store = pipeline.backup.store().await?;
     let staging_name = format!("{}/staging/{}.ndjson", pipeline.name, ctx.batch_id);
     let batch_id = ctx.batch_id.clone();
     let staging_tmp = store.temp_path(&staging_name);
@@ -71,6 +72,7 @@ pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<V
             return Err(e);
         }
     };
+    drop(raw_copy);
     let info = store.put_file(&staging_name, &staging_tmp).await?;
     Ok(json!({
         "object": info.uri,
@@ -84,7 +86,9 @@ pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<V
 
 pub async fn validate(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Value, StepError> {
     let config = pipeline.validate.clone().unwrap_or_default();
-    let staging = local_object(input(ctx, TRANSFORM, "object")?)?;
+    let staging_copy =
+        backup::local_copy(input_str(ctx, TRANSFORM, "object")?, &pipeline.backup).await?;
+    let staging = staging_copy.path.clone();
     let rows = input(ctx, TRANSFORM, "rows")?.as_u64().unwrap_or(0);
     let previous = previous_rows(ctx).await?;
     let report: ValidationReport = tokio::task::spawn_blocking(move || {
@@ -97,6 +101,7 @@ pub async fn validate(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Va
     })
     .await
     .map_err(|e| StepError::retryable(format!("validation task failed: {e}")))??;
+    drop(staging_copy);
     if !report.errors.is_empty() {
         return Err(StepError::terminal(format!(
             "validation failed; the destination was left as it was: {}",
@@ -111,20 +116,42 @@ pub async fn load(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<StepDo
         .transform
         .as_ref()
         .ok_or_else(|| StepError::terminal("the pipeline has no [transform]"))?;
-    let staging = local_object(input(ctx, TRANSFORM, "object")?)?;
+    let staging_uri = input_str(ctx, TRANSFORM, "object")?;
     let rows = input(ctx, TRANSFORM, "rows")?.as_u64().unwrap_or(0);
+    let data: Vec<_> = transform
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.column_type))
+        .collect();
     match &pipeline.destination {
         Some(DestinationConfig::Postgres { table, url }) => {
+            let staging = backup::local_copy(staging_uri, &pipeline.backup).await?;
             let columns = postgres::Columns {
-                data: transform
-                    .columns
-                    .iter()
-                    .map(|c| (c.name.as_str(), c.column_type))
-                    .collect(),
+                data,
                 batch: &transform.batch_column,
                 timestamp: &transform.timestamp_column,
             };
-            postgres::load(table, url.as_ref(), &columns, &staging, rows, ctx).await
+            postgres::load(table, url.as_ref(), &columns, &staging.path, rows, ctx).await
+        }
+        Some(DestinationConfig::Bigquery {
+            project,
+            dataset,
+            table,
+            endpoint,
+            credentials,
+        }) => {
+            let target = bigquery::Target {
+                project,
+                dataset,
+                table,
+                endpoint: endpoint.as_deref(),
+                credentials,
+            };
+            let schema =
+                bigquery::schema(&data, &transform.batch_column, &transform.timestamp_column);
+            bigquery::load(&target, &schema, staging_uri, rows, ctx)
+                .await
+                .map(StepDone::Output)
         }
         None => Err(StepError::terminal("the pipeline has no [destination]")),
     }
@@ -138,15 +165,10 @@ fn input<'a>(ctx: &'a StepContext, step: &str, field: &str) -> Result<&'a Value,
         .ok_or_else(|| StepError::terminal(format!("the {step} checkpoint has no {field}")))
 }
 
-fn local_object(uri: &Value) -> Result<PathBuf, StepError> {
-    let uri = uri.as_str().unwrap_or_default();
-    uri.strip_prefix("file://")
-        .map(PathBuf::from)
-        .ok_or_else(|| {
-            StepError::terminal(format!(
-                "cannot read {uri}: only local backups are supported by this build"
-            ))
-        })
+fn input_str<'a>(ctx: &'a StepContext, step: &str, field: &str) -> Result<&'a str, StepError> {
+    input(ctx, step, field)?
+        .as_str()
+        .ok_or_else(|| StepError::terminal(format!("the {step} checkpoint's {field} is not text")))
 }
 
 /// Rows of the last successful batch of this pipeline (the drift check's baseline).

@@ -1,0 +1,259 @@
+//! The EZ Focus pipeline on Google Cloud, from `examples/ezfocus_gcp.toml`, against real local
+//! emulators: fake-gcs-server for the backup and staging, bqemulator for the BigQuery load job.
+
+mod common;
+
+use std::time::Duration;
+
+use common::emulators::{BqEmulator, FakeGcs};
+use common::{RunningWorker, TestDb, wait_for_run};
+use crm_sync::config::Config;
+use crm_sync::fixtures::ezfocus::{self, AccountsQuery, EzFocusConfig, EzFocusFixture};
+use crm_sync::gcp::GcpAuth;
+use crm_sync::gcp::bigquery::BigQueryLoader;
+use crm_sync::gcp::gcs::{GcsStore, parse_gs_uri};
+use crm_sync::queue::{self, Trigger};
+use futures::StreamExt;
+use serde_json::json;
+use uuid::Uuid;
+
+const BUCKET: &str = "crm-sync-test";
+const PROJECT: &str = "test";
+
+struct Setup {
+    db: TestDb,
+    fixture: EzFocusFixture,
+    gcs: FakeGcs,
+    bq: BqEmulator,
+    config: Config,
+    _secrets: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let db = TestDb::new().await;
+    let fixture = EzFocusFixture::start_on_free_port(EzFocusConfig::default())
+        .await
+        .unwrap();
+    let gcs = FakeGcs::start().await;
+    let bq = BqEmulator::start(&gcs.root).await;
+    let store = GcsStore::new(
+        Some(gcs.endpoint()),
+        Some(PROJECT.into()),
+        GcpAuth::Anonymous,
+    )
+    .await
+    .unwrap();
+    store.ensure_bucket(BUCKET).await.unwrap();
+
+    let secrets = tempfile::tempdir().unwrap();
+    let mut text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/ezfocus_gcp.toml"
+    ))
+    .unwrap();
+    for (var, value) in [
+        ("EZFOCUS_ACCOUNTS_KEY", ezfocus::DEFAULT_ACCOUNTS_KEY),
+        ("EZFOCUS_USERNAME", ezfocus::DEFAULT_USERNAME),
+        ("EZFOCUS_PASSWORD", ezfocus::DEFAULT_PASSWORD),
+    ] {
+        let path = secrets.path().join(var);
+        std::fs::write(&path, value).unwrap();
+        text = text.replace(
+            &format!("{{ env = \"{var}\" }}"),
+            &format!("{{ file = \"{}\" }}", path.display()),
+        );
+    }
+    text = text
+        .replace("http://127.0.0.1:8081", &fixture.base_url())
+        .replace("my-company-crm-backups", BUCKET)
+        .replace("my-gcp-project", PROJECT)
+        .replace(
+            "credentials = \"application_default\"\n\n[pipelines.transform]",
+            &format!(
+                "credentials = \"anonymous\"\nendpoint = \"{}\"\n\n[pipelines.transform]",
+                gcs.endpoint()
+            ),
+        )
+        .replace(
+            "table = \"Accounts_List\"\ncredentials = \"application_default\"",
+            &format!(
+                "table = \"Accounts_List\"\ncredentials = \"anonymous\"\nendpoint = \"{}\"",
+                bq.base_url()
+            ),
+        )
+        .replace("max_attempts = 5", "max_attempts = 30")
+        .replace(
+            "retry_backoff = \"10s\"",
+            "retry_backoff = \"100ms\"\nretry_backoff_max = \"500ms\"",
+        )
+        .replace("[worker]", "[worker]\npoll_interval = \"100ms\"");
+    assert!(
+        !text.contains("credentials = \"application_default\""),
+        "{text}"
+    );
+    let config = db.config(&text).await;
+    Setup {
+        db,
+        fixture,
+        gcs,
+        bq,
+        config,
+        _secrets: secrets,
+    }
+}
+
+async fn count_rows(s: &Setup) -> Vec<serde_json::Value> {
+    let loader = BigQueryLoader::new(Some(s.bq.base_url()), GcpAuth::Anonymous)
+        .await
+        .unwrap();
+    loader
+        .query_rows(
+            PROJECT,
+            "SELECT batch_id, count(*) AS n, count(DISTINCT store_id) AS ids, countif(latitude IS NOT NULL) AS lat
+               FROM `test.crm.Accounts_List` GROUP BY batch_id",
+        )
+        .await
+        .unwrap()
+}
+
+async fn output(db: &TestDb, run: Uuid, step: &str) -> serde_json::Value {
+    sqlx::query_scalar("SELECT output FROM crm_sync.steps WHERE run_id = $1 AND name = $2")
+        .bind(run)
+        .bind(step)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn accounts_land_in_bigquery_with_the_raw_answer_backed_up_in_gcs() {
+    let s = setup().await;
+    let worker = RunningWorker::start(&s.db, &s.config).await;
+    let run = queue::enqueue(
+        &s.db.pool,
+        "ezfocus_accounts",
+        &json!({}),
+        None,
+        Trigger::Cli,
+    )
+    .await
+    .unwrap();
+    let status = wait_for_run(&s.db.pool, run, Duration::from_secs(90)).await;
+    worker.stop().await;
+    let error: Option<String> = sqlx::query_scalar("SELECT error FROM crm_sync.runs WHERE id = $1")
+        .bind(run)
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "succeeded", "{error:?}");
+
+    // The raw backup object in the bucket is the fixture's answer, byte for byte.
+    let extract = output(&s.db, run, "extract").await;
+    let uri = extract["object"].as_str().unwrap();
+    assert!(
+        uri.starts_with(&format!("gs://{BUCKET}/accounts/raw/accounts_")),
+        "{uri}"
+    );
+    let (bucket, object) = parse_gs_uri(uri).unwrap();
+    let store = GcsStore::new(
+        Some(s.gcs.endpoint()),
+        Some(PROJECT.into()),
+        GcpAuth::Anonymous,
+    )
+    .await
+    .unwrap();
+    let mut body = store.get_stream(bucket, object).await.unwrap();
+    let mut stored = Vec::new();
+    while let Some(chunk) = body.next().await {
+        stored.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(
+        stored == ezfocus::render_accounts_body(s.fixture.config(), &AccountsQuery::standard())
+    );
+
+    let batch: String = sqlx::query_scalar("SELECT batch_id FROM crm_sync.runs WHERE id = $1")
+        .bind(run)
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    let rows = count_rows(&s).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["batch_id"], json!(batch));
+    assert_eq!(
+        rows[0]["n"].to_string().trim_matches('"'),
+        "2700",
+        "{rows:?}"
+    );
+    let load = output(&s.db, run, "load").await;
+    assert_eq!(load["rows"], 2700);
+    assert_eq!(load["table"], "test.crm.Accounts_List");
+    assert!(
+        load["source"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("gs://{BUCKET}/ezfocus_accounts/staging/"))
+    );
+}
+
+#[tokio::test]
+async fn bigquery_down_during_the_load_is_retried_without_a_second_extract() {
+    let mut s = setup().await;
+    s.bq.stop();
+    let worker = RunningWorker::start(&s.db, &s.config).await;
+    let run = queue::enqueue(
+        &s.db.pool,
+        "ezfocus_accounts",
+        &json!({}),
+        None,
+        Trigger::Cli,
+    )
+    .await
+    .unwrap();
+    common::wait_until(
+        &s.db.pool,
+        "SELECT count(*) >= 2 FROM crm_sync.attempts a JOIN crm_sync.steps s ON s.id = a.step_id
+          WHERE s.name = 'load' AND a.outcome = 'retry'",
+        Duration::from_secs(60),
+    )
+    .await;
+    s.bq.restart().await;
+    let status = wait_for_run(&s.db.pool, run, Duration::from_secs(90)).await;
+    worker.stop().await;
+    assert_eq!(status, "succeeded");
+    assert_eq!(s.fixture.request_count(), 1, "the source was called again");
+    let extract_attempts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM crm_sync.attempts a JOIN crm_sync.steps s ON s.id = a.step_id
+          WHERE a.run_id = $1 AND s.name = 'extract'",
+    )
+    .bind(run)
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(extract_attempts, 1);
+    let rows = count_rows(&s).await;
+    assert_eq!(
+        rows[0]["n"].to_string().trim_matches('"'),
+        "2700",
+        "{rows:?}"
+    );
+}
+
+#[test]
+fn the_gcp_example_keeps_the_same_transform_and_validation_as_the_postgres_one() {
+    let section = |text: &str| {
+        let start = text.find("[pipelines.transform]").unwrap();
+        let end = text.find("[pipelines.destination]").unwrap();
+        text[start..end].to_string()
+    };
+    let pg = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/ezfocus.toml"
+    ))
+    .unwrap();
+    let gcp = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/ezfocus_gcp.toml"
+    ))
+    .unwrap();
+    assert_eq!(section(&pg), section(&gcp));
+}
