@@ -109,7 +109,10 @@ pub struct ObjectInfo {
 /// An opened backup store.
 pub enum BackupStore {
     Local(LocalStore),
-    Gcs { store: Box<GcsStore>, bucket: String },
+    Gcs {
+        store: Box<GcsStore>,
+        bucket: String,
+    },
 }
 
 impl BackupStore {
