@@ -21,7 +21,8 @@ use crate::schema::ColumnSpec;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransformConfig {
-    /// The raw format: `json` (a top-level array of flat objects).
+    /// The raw format: `json` (a top-level array of flat objects) or `csv` (a header row, then one
+    /// record per row; a UTF-8 byte-order mark is skipped).
     pub kind: TransformKind,
     /// The output columns, in order; source fields not listed are dropped (and counted).
     pub columns: Vec<ColumnSpec>,
@@ -44,6 +45,7 @@ fn default_timestamp_column() -> String {
 #[serde(rename_all = "snake_case")]
 pub enum TransformKind {
     Json,
+    Csv,
 }
 
 impl TransformConfig {
@@ -127,6 +129,95 @@ pub fn json_to_ndjson(
         .flush()
         .map_err(|e| StepError::retryable(format!("cannot write the staging object: {e}")))?;
     Ok(stats)
+}
+
+/// Reads a CSV export (header row, BOM tolerated, quoted or bare fields) and writes one cast record
+/// per line. The header must name exactly the source fields of the declared columns: a changed
+/// header is a terminal error naming what is missing and what is unexpected.
+pub fn csv_to_ndjson(
+    config: &TransformConfig,
+    input: impl Read,
+    output: impl Write,
+    batch_id: &str,
+    prepared_at: DateTime<Utc>,
+) -> Result<TransformStats, StepError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(false)
+        .from_reader(BufReader::with_capacity(256 * 1024, input));
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(csv_error)?
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            if i == 0 {
+                h.trim_start_matches('\u{feff}')
+            } else {
+                h
+            }
+            .trim()
+            .to_string()
+        })
+        .collect();
+    let expected: Vec<&str> = config.columns.iter().map(|c| c.source_field()).collect();
+    let missing: Vec<&str> = expected
+        .iter()
+        .filter(|e| !header.iter().any(|h| h == *e))
+        .copied()
+        .collect();
+    let unexpected: Vec<&str> = header
+        .iter()
+        .filter(|h| !expected.contains(&h.as_str()))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        return Err(StepError::terminal(format!(
+            "the CSV header changed: missing {missing:?}, unexpected {unexpected:?}"
+        )));
+    }
+
+    let mut writer = BufWriter::with_capacity(256 * 1024, output);
+    let mut stats = TransformStats::default();
+    let stamp = prepared_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    let mut record = csv::StringRecord::new();
+    let mut line = Vec::with_capacity(1024);
+    let write_error =
+        |e: std::io::Error| StepError::retryable(format!("cannot write the staging object: {e}"));
+    while reader.read_record(&mut record).map_err(csv_error)? {
+        let raw: Map<String, Value> = header
+            .iter()
+            .zip(record.iter())
+            .map(|(h, v)| (h.clone(), Value::String(v.to_string())))
+            .collect();
+        let mut row = cast_record(config, &raw, &mut stats);
+        row.insert(
+            config.batch_column.clone(),
+            Value::String(batch_id.to_string()),
+        );
+        row.insert(
+            config.timestamp_column.clone(),
+            Value::String(stamp.clone()),
+        );
+        line.clear();
+        serde_json::to_writer(&mut line, &row).map_err(|e| StepError::terminal(e.to_string()))?;
+        line.push(b'\n');
+        writer.write_all(&line).map_err(write_error)?;
+        stats.rows += 1;
+    }
+    writer.flush().map_err(write_error)?;
+    Ok(stats)
+}
+
+fn csv_error(e: csv::Error) -> StepError {
+    if let csv::ErrorKind::Io(io) = e.kind() {
+        return StepError::retryable(format!("cannot read the raw backup: {io}"));
+    }
+    let at = e
+        .position()
+        .map(|p| format!(" at line {}", p.line()))
+        .unwrap_or_default();
+    StepError::terminal(format!("the export is not valid CSV{at}: {e}"))
 }
 
 /// Receives the records of the top-level array one by one (serde's streaming way to read an array).
@@ -256,6 +347,91 @@ columns = [
             Some(&1)
         );
         assert!(stats.dropped_fields.contains("extra"));
+    }
+
+    fn csv_config() -> TransformConfig {
+        toml::from_str(
+            r#"
+kind = "csv"
+timestamp_column = "update_time"
+columns = [
+  { name = "customer_name", from = "Customer", type = "string" },
+  { name = "contact_number", from = "Contact Number", type = "string" },
+  { name = "address", from = "Address", type = "string" },
+  { name = "date_joined", from = "Date Joined", type = "date", formats = ["%d/%m/%Y"] },
+  { name = "available_point", from = "Available Point", type = "numeric" },
+  { name = "sms_pdpa", from = "SMS PDPA", type = "boolean" },
+]
+"#,
+        )
+        .unwrap()
+    }
+
+    fn csv_rows(input: &str) -> Result<Vec<Value>, StepError> {
+        let mut out = Vec::new();
+        json_to_ndjson_csv(input, &mut out)?;
+        Ok(String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect())
+    }
+
+    fn json_to_ndjson_csv(input: &str, out: &mut Vec<u8>) -> Result<TransformStats, StepError> {
+        let at = Utc.with_ymd_and_hms(2026, 11, 24, 19, 0, 0).unwrap();
+        csv_to_ndjson(&csv_config(), input.as_bytes(), out, "b1", at)
+    }
+
+    #[test]
+    fn csv_exports_with_bom_quotes_and_empties_are_read_exactly() {
+        let input = "\u{feff}\"Customer\",\"Contact Number\",\"Address\",\"Date Joined\",\"Available Point\",\"SMS PDPA\"\n\
+                     \"Somchai\",\"0812345678\",\"12/3 Soi 5, \"\"Green\"\" Tower\",\"05/01/2024\",\"1,234.50\",\"Yes\"\n\
+                     \"Somchai\",\"66812345678\",,\"\",0,\"No\"";
+        let rows = csv_rows(input).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0]["customer_name"], "Somchai");
+        assert_eq!(
+            rows[0]["contact_number"], "0812345678",
+            "a leading zero is kept"
+        );
+        assert_eq!(rows[0]["address"], "12/3 Soi 5, \"Green\" Tower");
+        assert_eq!(rows[0]["date_joined"], "2024-01-05");
+        assert_eq!(rows[0]["available_point"], "1234.50");
+        assert_eq!(rows[0]["sms_pdpa"], true);
+        assert_eq!(rows[0]["update_time"], "2026-11-24T19:00:00.000000Z");
+        assert_eq!(rows[1]["contact_number"], "66812345678");
+        assert_eq!(
+            rows[1]["address"],
+            Value::Null,
+            "a bare empty field is NULL"
+        );
+        assert_eq!(
+            rows[1]["date_joined"],
+            Value::Null,
+            "a quoted empty field is NULL"
+        );
+        assert_eq!(rows[1]["available_point"], "0");
+        assert_eq!(rows[1]["sms_pdpa"], false);
+    }
+
+    #[test]
+    fn a_changed_csv_header_is_a_terminal_error_naming_the_columns() {
+        let input = "\"Customer\",\"Phone\",\"Address\",\"Date Joined\",\"Available Point\",\"SMS PDPA\"\n\"a\",\"1\",,,,";
+        let err = csv_rows(input).unwrap_err();
+        assert!(!err.is_retryable());
+        assert!(
+            err.message
+                .contains("missing [\"Contact Number\"], unexpected [\"Phone\"]"),
+            "{}",
+            err.message
+        );
+        let ragged = "\"Customer\",\"Contact Number\",\"Address\",\"Date Joined\",\"Available Point\",\"SMS PDPA\"\n\"a\",\"1\"";
+        let err = csv_rows(ragged).unwrap_err();
+        assert!(
+            err.message.contains("not valid CSV at line 2"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

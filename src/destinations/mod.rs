@@ -21,6 +21,10 @@ pub enum DestinationConfig {
         /// commit in one transaction.
         #[serde(default)]
         url: Option<SecretRef>,
+        /// The table's DDL when it must match an existing schema (types, defaults, an identity key);
+        /// run when the table is missing. Default: generated from the transform's columns.
+        #[serde(default)]
+        create_table: Option<String>,
     },
     /// A BigQuery table, replaced by one load job (WRITE_TRUNCATE) from the batch staged in GCS.
     Bigquery {
@@ -38,8 +42,20 @@ pub enum DestinationConfig {
 impl DestinationConfig {
     pub fn check(&self) -> Result<(), String> {
         match self {
-            DestinationConfig::Postgres { table, url } => {
+            DestinationConfig::Postgres {
+                table,
+                url,
+                create_table,
+            } => {
                 postgres::split_table(table)?;
+                if let Some(ddl) = create_table
+                    && !ddl
+                        .trim_start()
+                        .to_ascii_uppercase()
+                        .starts_with("CREATE TABLE")
+                {
+                    return Err("create_table must be a CREATE TABLE statement".into());
+                }
                 if let Some(u) = url {
                     u.check()?;
                 }

@@ -60,6 +60,7 @@ impl Columns<'_> {
 pub async fn load(
     table: &str,
     url: Option<&SecretRef>,
+    create_table: Option<&str>,
     columns: &Columns<'_>,
     staging: &std::path::Path,
     expected_rows: u64,
@@ -102,11 +103,17 @@ pub async fn load(
             ));
         }
     }
-    for sql in [
-        format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
-        columns.ddl(&schema, &name),
-        format!("DELETE FROM {schema}.{name}"),
-    ] {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{schema}.{name}"))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(load_error)?;
+    let mut statements = vec![format!("CREATE SCHEMA IF NOT EXISTS {schema}")];
+    if !exists {
+        statements.push(create_table.map_or_else(|| columns.ddl(&schema, &name), str::to_string));
+    }
+    statements.push(format!("DELETE FROM {schema}.{name}"));
+    for sql in statements {
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .execute(&mut *tx)
             .await

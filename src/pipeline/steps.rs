@@ -57,6 +57,9 @@ pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<V
             TransformKind::Json => {
                 transform::json_to_ndjson(&config, input, &output, &batch_id, Utc::now())?
             }
+            TransformKind::Csv => {
+                transform::csv_to_ndjson(&config, input, &output, &batch_id, Utc::now())?
+            }
         };
         output
             .sync_all()
@@ -124,14 +127,27 @@ pub async fn load(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<StepDo
         .map(|c| (c.name.as_str(), c.column_type))
         .collect();
     match &pipeline.destination {
-        Some(DestinationConfig::Postgres { table, url }) => {
+        Some(DestinationConfig::Postgres {
+            table,
+            url,
+            create_table,
+        }) => {
             let staging = backup::local_copy(staging_uri, &pipeline.backup).await?;
             let columns = postgres::Columns {
                 data,
                 batch: &transform.batch_column,
                 timestamp: &transform.timestamp_column,
             };
-            postgres::load(table, url.as_ref(), &columns, &staging.path, rows, ctx).await
+            postgres::load(
+                table,
+                url.as_ref(),
+                create_table.as_deref(),
+                &columns,
+                &staging.path,
+                rows,
+                ctx,
+            )
+            .await
         }
         Some(DestinationConfig::Bigquery {
             project,
