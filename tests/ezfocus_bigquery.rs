@@ -51,18 +51,8 @@ async fn setup() -> Setup {
         "/examples/ezfocus_gcp.toml"
     ))
     .unwrap();
-    for (var, value) in [
-        ("EZFOCUS_ACCOUNTS_KEY", ezfocus::DEFAULT_ACCOUNTS_KEY),
-        ("EZFOCUS_USERNAME", ezfocus::DEFAULT_USERNAME),
-        ("EZFOCUS_PASSWORD", ezfocus::DEFAULT_PASSWORD),
-    ] {
-        let path = secrets.path().join(var);
-        std::fs::write(&path, value).unwrap();
-        text = text.replace(
-            &format!("{{ env = \"{var}\" }}"),
-            &format!("{{ file = \"{}\" }}", path.display()),
-        );
-    }
+    text = crm_sync::fixtures::with_secret_files(&text, secrets.path(), &ezfocus::EXAMPLE_SECRETS)
+        .unwrap();
     text = text
         .replace("http://127.0.0.1:8081", &fixture.base_url())
         .replace("my-company-crm-backups", BUCKET)

@@ -34,18 +34,8 @@ async fn setup(edit: impl Fn(String) -> String) -> Setup {
         "/examples/ezfocus.toml"
     ))
     .unwrap();
-    for (var, value) in [
-        ("EZFOCUS_ACCOUNTS_KEY", ezfocus::DEFAULT_ACCOUNTS_KEY),
-        ("EZFOCUS_USERNAME", ezfocus::DEFAULT_USERNAME),
-        ("EZFOCUS_PASSWORD", ezfocus::DEFAULT_PASSWORD),
-    ] {
-        let path = secrets.path().join(var);
-        std::fs::write(&path, value).unwrap();
-        text = text.replace(
-            &format!("{{ env = \"{var}\" }}"),
-            &format!("{{ file = \"{}\" }}", path.display()),
-        );
-    }
+    text = crm_sync::fixtures::with_secret_files(&text, secrets.path(), &ezfocus::EXAMPLE_SECRETS)
+        .unwrap();
     text = text
         .replace("http://127.0.0.1:8081", &fixture.base_url())
         .replace("./crm-sync-backups", &backups.path().display().to_string())
@@ -91,20 +81,16 @@ async fn table_batches(db: &TestDb) -> Vec<(String, i64)> {
         .unwrap()
 }
 
-async fn run_error(db: &TestDb, run: Uuid) -> String {
-    sqlx::query_scalar::<_, Option<String>>("SELECT error FROM crm_sync.runs WHERE id = $1")
-        .bind(run)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn accounts_land_in_postgres_renamed_typed_and_stamped() {
     let s = setup(|t| t).await;
     let (run, status) = run(&s).await;
-    assert_eq!(status, "succeeded", "{}", run_error(&s.db, run).await);
+    assert_eq!(
+        status,
+        "succeeded",
+        "{}",
+        common::run_error(&s.db.pool, run).await
+    );
     let batch = batch_of(&s.db, run).await;
     assert_eq!(table_batches(&s.db).await, vec![(batch.clone(), 2700)]);
 
@@ -251,7 +237,7 @@ async fn bad_answers_fail_the_run_and_leave_the_previous_batch_in_place() {
         s.fixture.faults().set(fault.clone());
         let (bad, status) = run(&s).await;
         assert_eq!(status, "failed", "{fault:?}");
-        let error = run_error(&s.db, bad).await;
+        let error = common::run_error(&s.db.pool, bad).await;
         assert!(error.contains(reason), "{fault:?}: {error}");
         let attempts: i64 =
             sqlx::query_scalar("SELECT count(*) FROM crm_sync.attempts WHERE run_id = $1")
@@ -277,7 +263,7 @@ async fn a_missing_required_column_fails_validation_and_loads_nothing() {
     let s = setup(|t| t.replace("from = \"accnt_name\"", "from = \"account_name\"")).await;
     let (run, status) = run(&s).await;
     assert_eq!(status, "failed");
-    let error = run_error(&s.db, run).await;
+    let error = common::run_error(&s.db.pool, run).await;
     assert!(
         error.contains("required column store_name is missing"),
         "{error}"
@@ -305,9 +291,11 @@ async fn a_failed_load_is_retried_from_the_load_without_a_second_extract() {
     let (failed, status) = run(&s).await;
     assert_eq!(status, "failed");
     assert!(
-        run_error(&s.db, failed).await.contains("step load failed"),
+        common::run_error(&s.db.pool, failed)
+            .await
+            .contains("step load failed"),
         "{}",
-        run_error(&s.db, failed).await
+        common::run_error(&s.db.pool, failed).await
     );
     assert_eq!(s.fixture.request_count(), 1);
 

@@ -43,15 +43,6 @@ async fn attempts_of(db: &TestDb, run: Uuid, step: &str) -> Vec<Attempt> {
     .unwrap()
 }
 
-async fn run_error(db: &TestDb, run: Uuid) -> String {
-    sqlx::query_scalar::<_, Option<String>>("SELECT error FROM crm_sync.runs WHERE id = $1")
-        .bind(run)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn a_worker_whose_lease_was_taken_over_cannot_complete_the_step() {
     let db = TestDb::new().await;
@@ -185,7 +176,7 @@ async fn a_step_that_keeps_failing_fails_the_run_after_max_attempts() {
     let log = attempts_of(&db, run, "noop").await;
     assert_eq!(log.len(), 5);
     assert_eq!(log.last().unwrap().outcome, "failed");
-    let error = run_error(&db, run).await;
+    let error = common::run_error(&db.pool, run).await;
     assert!(
         error.contains("attempt 5 of 5") && error.contains("planned failure 5 of 9"),
         "{error}"
@@ -220,7 +211,7 @@ async fn a_terminal_error_fails_the_run_at_once() {
         attempts_of(&db, run, "noop_2").await.is_empty(),
         "a later step ran after a terminal failure"
     );
-    let error = run_error(&db, run).await;
+    let error = common::run_error(&db.pool, run).await;
     assert!(
         error.contains("not retryable") && error.contains("noop_1"),
         "{error}"

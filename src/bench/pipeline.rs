@@ -195,18 +195,7 @@ fn bench_config(
             &format!("max_violations = {}", rows / 50 + 10),
         )
         .replace("schedule = \"0 1 * * *\"\n", "");
-    for (var, value) in [
-        ("EZFOCUS_ACCOUNTS_KEY", ezfocus::DEFAULT_ACCOUNTS_KEY),
-        ("EZFOCUS_USERNAME", ezfocus::DEFAULT_USERNAME),
-        ("EZFOCUS_PASSWORD", ezfocus::DEFAULT_PASSWORD),
-    ] {
-        let path = backups.join(format!(".{var}"));
-        std::fs::write(&path, value)?;
-        text = text.replace(
-            &format!("{{ env = \"{var}\" }}"),
-            &format!("{{ file = \"{}\" }}", path.display()),
-        );
-    }
+    text = crate::fixtures::with_secret_files(&text, backups, &ezfocus::EXAMPLE_SECRETS)?;
     let mut bench = Config::parse(&text, std::path::Path::new("(bench pipeline)"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     bench.database_url = config.database_url.clone();

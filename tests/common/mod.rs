@@ -149,6 +149,16 @@ pub async fn wait_for_run(pool: &PgPool, id: Uuid, timeout: Duration) -> String 
     }
 }
 
+/// A run's error text ("" when it has none).
+pub async fn run_error(pool: &PgPool, run: Uuid) -> String {
+    sqlx::query_scalar::<_, Option<String>>("SELECT error FROM crm_sync.runs WHERE id = $1")
+        .bind(run)
+        .fetch_one(pool)
+        .await
+        .expect("run exists")
+        .unwrap_or_default()
+}
+
 /// Polls `query` (one boolean) until it is true.
 pub async fn wait_until(pool: &PgPool, query: &str, timeout: Duration) {
     let deadline = tokio::time::Instant::now() + timeout;
