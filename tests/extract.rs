@@ -250,3 +250,56 @@ async fn a_cut_answer_is_retried_and_leaves_no_partial_backup() {
     let files = files_under(s.backups.path());
     assert_eq!(files.len(), 1, "partial objects left behind: {files:?}");
 }
+
+#[tokio::test]
+async fn the_generic_http_json_source_makes_the_same_request() {
+    let db = TestDb::new().await;
+    let fixture = EzFocusFixture::start_on_free_port(EzFocusConfig::default())
+        .await
+        .unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let backups = tempfile::tempdir().unwrap();
+    let text = crm_sync::fixtures::with_secret_files(
+        &format!(
+            r#"
+[[pipelines]]
+name = "generic"
+[pipelines.source]
+kind = "http_json"
+url = "{}/api"
+query = {{ prov = "ON", seg = "", tpcl = "SUCC,LRS,MED" }}
+query_secrets = {{ key = {{ env = "EZFOCUS_ACCOUNTS_KEY" }} }}
+username = {{ env = "EZFOCUS_USERNAME" }}
+password = {{ env = "EZFOCUS_PASSWORD" }}
+[pipelines.backup]
+kind = "local"
+dir = "{}"
+"#,
+            fixture.base_url(),
+            backups.path().display()
+        ),
+        secrets.path(),
+        &ezfocus::EXAMPLE_SECRETS,
+    )
+    .unwrap();
+    let config = db.config(&text).await;
+    let worker = RunningWorker::start(&db, &config).await;
+    let run = queue::enqueue(&db.pool, "generic", &json!({}), None, Trigger::Cli)
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_for_run(&db.pool, run, Duration::from_secs(30)).await,
+        "succeeded"
+    );
+    worker.stop().await;
+    let (output, _) = step(&db, run).await;
+    let path = output.unwrap()["object"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("file://")
+        .unwrap()
+        .to_string();
+    assert!(path.contains("/generic/raw/generic_"), "{path}");
+    let expected = ezfocus::render_accounts_body(fixture.config(), &AccountsQuery::standard());
+    assert!(std::fs::read(path).unwrap() == expected);
+}
