@@ -195,6 +195,8 @@ pub enum SourceConfig {
     HttpJson(crate::sources::http::HttpJsonConfig),
     /// The EZ Focus API (a preset of `http_json`).
     Ezfocus(crate::sources::http::EzFocusSourceConfig),
+    /// A back office without an API: headless Chromium logs in and downloads an export.
+    BrowserExport(crate::sources::browser::BrowserExportConfig),
 }
 
 impl PipelineConfig {
@@ -493,6 +495,10 @@ fn check_pipeline(
         SourceConfig::Noop(noop) => noop.check(),
         SourceConfig::HttpJson(http) => http.check(),
         SourceConfig::Ezfocus(ez) => ez.to_http().check(),
+        SourceConfig::BrowserExport(b) => b
+            .validate()
+            .and_then(|_| b.username.check())
+            .and_then(|_| b.password.check()),
     };
     if let Err(message) = source {
         bad("source", message);

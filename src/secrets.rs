@@ -41,6 +41,22 @@ impl fmt::Display for Secret {
 }
 
 impl SecretRef {
+    /// A secret in the environment variable `name`.
+    pub fn env(name: impl Into<String>) -> Self {
+        Self {
+            env: Some(name.into()),
+            file: None,
+        }
+    }
+
+    /// A secret in the file at `path`.
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Self {
+            env: None,
+            file: Some(path.into()),
+        }
+    }
+
     /// Checks the reference itself (exactly one of env/file); the value is read later.
     pub fn check(&self) -> Result<(), String> {
         match (&self.env, &self.file) {

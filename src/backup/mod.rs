@@ -150,6 +150,21 @@ impl BackupStore {
         }
     }
 
+    /// Stores a copy of a local file under `name` (the file stays where it is).
+    pub async fn copy_file(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+    ) -> Result<ObjectInfo, StepError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| StepError::retryable(format!("cannot open {}: {e}", path.display())))?;
+        let body = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(|chunk| {
+            chunk.map_err(|e| StepError::retryable(format!("cannot read a local file: {e}")))
+        });
+        self.put_stream(name, Box::pin(body)).await
+    }
+
     /// Stores a stream under `name`, atomically: the object appears whole or not at all.
     pub async fn put_stream<S>(&self, name: &str, body: S) -> Result<ObjectInfo, StepError>
     where

@@ -15,24 +15,75 @@ use crate::transform::{self, TransformKind};
 use crate::validate::{self, ValidationReport};
 
 pub async fn extract(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Value, StepError> {
-    let http = match &pipeline.source {
-        SourceConfig::HttpJson(http) => http.clone(),
-        SourceConfig::Ezfocus(ez) => ez.to_http(),
-        SourceConfig::Noop(_) => {
-            return Err(StepError::terminal("a noop pipeline has no extract step"));
+    let tz: chrono_tz::Tz = pipeline.timezone.parse().unwrap_or(chrono_tz::UTC);
+    let name = |ext: &str| {
+        backup::object_name(
+            pipeline.backup.path_template(),
+            &pipeline.name,
+            &ctx.batch_id,
+            Utc::now(),
+            tz,
+            ext,
+        )
+    };
+    let store = pipeline.backup.store().await?;
+    match &pipeline.source {
+        SourceConfig::HttpJson(http) => sources::http::extract(http, &store, &name("json")).await,
+        SourceConfig::Ezfocus(ez) => {
+            sources::http::extract(&ez.to_http(), &store, &name("json")).await
+        }
+        SourceConfig::BrowserExport(browser) => {
+            extract_browser(pipeline, browser, &store, &name("csv"), ctx).await
+        }
+        SourceConfig::Noop(_) => Err(StepError::terminal("a noop pipeline has no extract step")),
+    }
+}
+
+/// Downloads the export with headless Chromium and backs it up as downloaded; on failure the page's
+/// screenshot goes to the backup store and its URI into the error.
+async fn extract_browser(
+    pipeline: &PipelineConfig,
+    config: &sources::browser::BrowserExportConfig,
+    store: &backup::BackupStore,
+    object: &str,
+    ctx: &StepContext,
+) -> Result<Value, StepError> {
+    let work_dir =
+        std::env::temp_dir().join(format!("crm-sync-export-{}", uuid::Uuid::new_v4().simple()));
+    let result = sources::browser::export(config, &work_dir).await;
+    let outcome = match result {
+        Ok(download) => store.copy_file(object, &download.path).await.map(|info| {
+            json!({
+                "object": info.uri,
+                "bytes": info.bytes,
+                "sha256": info.sha256,
+                "suggested_name": download.suggested_name,
+            })
+        }),
+        Err(mut e) => {
+            let mut message = e.to_string();
+            if let Some(png) = e.take_screenshot() {
+                let shot = format!(
+                    "{}/screenshots/{}_attempt{}.png",
+                    pipeline.name, ctx.batch_id, ctx.attempt
+                );
+                let body = futures::stream::iter([Ok::<_, StepError>(bytes::Bytes::from(png))]);
+                match store.put_stream(&shot, body).await {
+                    Ok(info) => message = format!("{message} (screenshot: {})", info.uri),
+                    Err(se) => {
+                        message = format!("{message} (the screenshot could not be stored: {se})")
+                    }
+                }
+            }
+            Err(if e.is_retryable() {
+                StepError::retryable(message)
+            } else {
+                StepError::terminal(message)
+            })
         }
     };
-    let tz: chrono_tz::Tz = pipeline.timezone.parse().unwrap_or(chrono_tz::UTC);
-    let object = backup::object_name(
-        pipeline.backup.path_template(),
-        &pipeline.name,
-        &ctx.batch_id,
-        Utc::now(),
-        tz,
-        "json",
-    );
-    let store = pipeline.backup.store().await?;
-    sources::http::extract(&http, &store, &object).await
+    let _ = tokio::fs::remove_dir_all(&work_dir).await;
+    outcome
 }
 
 pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Value, StepError> {
