@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{RunningWorker, TestDb, wait_for_run};
 use crm_sync::config::Config;
 use crm_sync::fixtures::ezfocus::{self, EzFocusConfig, EzFocusFixture, Fault};
-use crm_sync::queue::{self, Trigger};
+use crm_sync::queue;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -51,27 +51,7 @@ async fn setup(edit: impl Fn(String) -> String) -> Setup {
 }
 
 async fn run(s: &Setup) -> (Uuid, String) {
-    let worker = RunningWorker::start(&s.db, &s.config).await;
-    let id = queue::enqueue(
-        &s.db.pool,
-        "ezfocus_accounts",
-        &json!({}),
-        None,
-        Trigger::Cli,
-    )
-    .await
-    .unwrap();
-    let status = wait_for_run(&s.db.pool, id, Duration::from_secs(60)).await;
-    worker.stop().await;
-    (id, status)
-}
-
-async fn batch_of(db: &TestDb, run: Uuid) -> String {
-    sqlx::query_scalar("SELECT batch_id FROM crm_sync.runs WHERE id = $1")
-        .bind(run)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
+    common::run_pipeline(&s.db, &s.config, "ezfocus_accounts").await
 }
 
 async fn table_batches(db: &TestDb) -> Vec<(String, i64)> {
@@ -91,7 +71,7 @@ async fn accounts_land_in_postgres_renamed_typed_and_stamped() {
         "{}",
         common::run_error(&s.db.pool, run).await
     );
-    let batch = batch_of(&s.db, run).await;
+    let batch = common::batch_of(&s.db.pool, run).await;
     assert_eq!(table_batches(&s.db).await, vec![(batch.clone(), 2700)]);
 
     let types: Vec<(String, String)> = sqlx::query_as(
@@ -172,7 +152,7 @@ async fn a_second_run_replaces_the_first_atomically() {
     let s = setup(|t| t).await;
     let (first, status) = run(&s).await;
     assert_eq!(status, "succeeded");
-    let first_batch = batch_of(&s.db, first).await;
+    let first_batch = common::batch_of(&s.db.pool, first).await;
 
     // A reader watches the table throughout the second run: always one whole batch, never empty.
     let stop = Arc::new(AtomicBool::new(false));
@@ -197,7 +177,7 @@ async fn a_second_run_replaces_the_first_atomically() {
     assert_eq!(status, "succeeded");
     stop.store(true, Ordering::Relaxed);
     let seen = reader.await.unwrap();
-    let second_batch = batch_of(&s.db, second).await;
+    let second_batch = common::batch_of(&s.db.pool, second).await;
     assert!(
         seen.len() > 10,
         "the reader looked only {} times",
@@ -220,7 +200,7 @@ async fn bad_answers_fail_the_run_and_leave_the_previous_batch_in_place() {
     let s = setup(|t| t).await;
     let (good, status) = run(&s).await;
     assert_eq!(status, "succeeded");
-    let good_batch = batch_of(&s.db, good).await;
+    let good_batch = common::batch_of(&s.db.pool, good).await;
 
     for (fault, reason) in [
         (Fault::EmptyArray, "0 rows, fewer than min_rows = 2600"),
@@ -325,7 +305,7 @@ async fn a_failed_load_is_retried_from_the_load_without_a_second_extract() {
     assert_eq!(ran, vec!["load"]);
     assert_eq!(
         table_batches(&s.db).await,
-        vec![(batch_of(&s.db, failed).await, 2700)],
+        vec![(common::batch_of(&s.db.pool, failed).await, 2700)],
         "same batch_id"
     );
 }

@@ -6,11 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RunningWorker, TestDb, wait_for_run};
+use common::TestDb;
 use crm_sync::config::Config;
 use crm_sync::fixtures::qashier::{self, Fault, QashierConfig, QashierFixture};
-use crm_sync::queue::{self, Trigger};
-use serde_json::json;
 use uuid::Uuid;
 
 struct Setup {
@@ -63,32 +61,12 @@ async fn setup(password: &str) -> Setup {
 }
 
 async fn run(s: &Setup) -> (Uuid, String) {
-    let worker = RunningWorker::start(&s.db, &s.config).await;
-    let id = queue::enqueue(
-        &s.db.pool,
-        "qashier_customers",
-        &json!({}),
-        None,
-        Trigger::Console,
-    )
-    .await
-    .unwrap();
-    let status = wait_for_run(&s.db.pool, id, Duration::from_secs(120)).await;
-    worker.stop().await;
-    (id, status)
+    common::run_pipeline(&s.db, &s.config, "qashier_customers").await
 }
 
 async fn table_batches(db: &TestDb) -> Vec<(String, i64)> {
     sqlx::query_as("SELECT batch_id::text, count(*) FROM backoffice.customers GROUP BY batch_id")
         .fetch_all(&db.pool)
-        .await
-        .unwrap()
-}
-
-async fn batch_of(db: &TestDb, run: Uuid) -> String {
-    sqlx::query_scalar("SELECT batch_id FROM crm_sync.runs WHERE id = $1")
-        .bind(run)
-        .fetch_one(&db.pool)
         .await
         .unwrap()
 }
@@ -114,7 +92,7 @@ async fn customers_are_exported_with_chromium_and_replace_the_table() {
     let expected_rows = qashier::DEFAULT_ROWS as i64;
     assert_eq!(
         table_batches(&s.db).await,
-        vec![(batch_of(&s.db, first).await, expected_rows)]
+        vec![(common::batch_of(&s.db.pool, first).await, expected_rows)]
     );
 
     // The raw backup is the CSV exactly as downloaded.
@@ -173,7 +151,7 @@ async fn customers_are_exported_with_chromium_and_replace_the_table() {
     assert_eq!(status, "succeeded");
     assert_eq!(
         table_batches(&s.db).await,
-        vec![(batch_of(&s.db, second).await, expected_rows)]
+        vec![(common::batch_of(&s.db.pool, second).await, expected_rows)]
     );
 }
 
@@ -232,7 +210,7 @@ async fn a_cut_download_or_a_changed_header_keeps_the_previous_batch() {
     let s = setup(qashier::DEFAULT_PASSWORD).await;
     let (good, status) = run(&s).await;
     assert_eq!(status, "succeeded");
-    let good_batch = batch_of(&s.db, good).await;
+    let good_batch = common::batch_of(&s.db.pool, good).await;
 
     s.fixture.faults().set(Fault::CutDownloadAfter(20_000));
     let (cut, status) = run(&s).await;

@@ -1825,10 +1825,10 @@ login_timeout = "soon"
     fn redaction_and_error_debug() {
         let creds = Credentials {
             username: "fixture-user".into(),
-            password: "s3cret-pw".into(),
+            password: "placeholder-pw".into(),
         };
         assert_eq!(
-            creds.redact("user fixture-user with s3cret-pw is locked"),
+            creds.redact("user fixture-user with placeholder-pw is locked"),
             "user *** with *** is locked"
         );
         assert_eq!(format!("{creds:?}"), "Credentials(***)");

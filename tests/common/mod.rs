@@ -149,6 +149,33 @@ pub async fn wait_for_run(pool: &PgPool, id: Uuid, timeout: Duration) -> String 
     }
 }
 
+/// Starts a worker, enqueues one run of `pipeline`, waits for it to finish, stops the worker; returns
+/// the run id and its final status.
+pub async fn run_pipeline(db: &TestDb, config: &Config, pipeline: &str) -> (Uuid, String) {
+    let worker = RunningWorker::start(db, config).await;
+    let id = crm_sync::queue::enqueue(
+        &db.pool,
+        pipeline,
+        &serde_json::json!({}),
+        None,
+        crm_sync::queue::Trigger::Cli,
+    )
+    .await
+    .expect("enqueue");
+    let status = wait_for_run(&db.pool, id, Duration::from_secs(120)).await;
+    worker.stop().await;
+    (id, status)
+}
+
+/// The batch id of a run.
+pub async fn batch_of(pool: &PgPool, run: Uuid) -> String {
+    sqlx::query_scalar("SELECT batch_id FROM crm_sync.runs WHERE id = $1")
+        .bind(run)
+        .fetch_one(pool)
+        .await
+        .expect("run exists")
+}
+
 /// A run's error text ("" when it has none).
 pub async fn run_error(pool: &PgPool, run: Uuid) -> String {
     sqlx::query_scalar::<_, Option<String>>("SELECT error FROM crm_sync.runs WHERE id = $1")
