@@ -15,8 +15,10 @@
 //! - [`history`]: read-side queries over runs, steps and attempts (the run log);
 //! - [`fixtures`]: stand-in EZ Focus and Qashier servers for tests and the demo;
 //! - [`bench`]: the project's own benchmark commands;
+//! - [`api`]: the admin HTTP API (health, runs) served by `crm-sync serve`;
 //! - [`cli`]: the `crm-sync` command line.
 
+pub mod api;
 pub mod backup;
 pub mod bench;
 pub mod cli;

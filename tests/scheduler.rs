@@ -175,6 +175,9 @@ async fn three_scheduler_processes_enqueue_each_tick_exactly_once() {
         dir.path(),
         &db,
         r#"
+[server]
+listen = "127.0.0.1:0"
+
 [worker]
 concurrency = 4
 poll_interval = "200ms"

@@ -53,7 +53,7 @@ enum Command {
         after_help = "Example:\n  DATABASE_URL=postgres://postgres@127.0.0.1/crm_sync crm-sync migrate"
     )]
     Migrate,
-    /// Run the service: workers and the scheduler (the HTTP API joins as it lands).
+    /// Run the service: the HTTP API on [server] listen, workers and the scheduler, each switchable.
     #[command(
         after_help = "Examples:\n  crm-sync --config crm-sync.toml serve --concurrency 16\n  crm-sync serve --no-scheduler"
     )]
@@ -64,6 +64,9 @@ enum Command {
         /// Do not run the scheduler in this process.
         #[arg(long)]
         no_scheduler: bool,
+        /// Do not serve the HTTP API in this process.
+        #[arg(long)]
+        no_api: bool,
         /// Steps run at once (overrides [worker] concurrency).
         #[arg(long)]
         concurrency: Option<usize>,
@@ -284,10 +287,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve {
             no_workers,
             no_scheduler,
+            no_api,
             concurrency,
-        } => serve(config, !no_workers, !no_scheduler, concurrency).await,
-        Command::Worker { concurrency } => serve(config, true, false, concurrency).await,
-        Command::Scheduler => serve(config, false, true, None).await,
+        } => {
+            let roles = Roles {
+                api: !no_api,
+                workers: !no_workers,
+                scheduler: !no_scheduler,
+            };
+            serve(config, roles, concurrency).await
+        }
+        Command::Worker { concurrency } => serve(config, Roles::only_workers(), concurrency).await,
+        Command::Scheduler => serve(config, Roles::only_scheduler(), None).await,
         Command::Schedules { count } => {
             output::print_schedules(&config, count, chrono::Utc::now())?;
             Ok(ExitCode::SUCCESS)
@@ -493,17 +504,45 @@ fn parse_run_id(s: &str) -> anyhow::Result<Uuid> {
     })
 }
 
+/// Which parts of the service a process runs.
+#[derive(Debug, Clone, Copy)]
+struct Roles {
+    api: bool,
+    workers: bool,
+    scheduler: bool,
+}
+
+impl Roles {
+    fn only_workers() -> Self {
+        Self {
+            api: false,
+            workers: true,
+            scheduler: false,
+        }
+    }
+
+    fn only_scheduler() -> Self {
+        Self {
+            api: false,
+            workers: false,
+            scheduler: true,
+        }
+    }
+}
+
 /// Runs the chosen roles in this process until SIGTERM or Ctrl-C, then shuts each down gracefully.
 async fn serve(
     config: Config,
-    workers: bool,
-    scheduler: bool,
+    roles: Roles,
     concurrency: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
-    if !workers && !scheduler {
-        bail!(
-            "nothing to run: --no-workers and --no-scheduler leave no role (the HTTP API is not part of this build yet)"
-        );
+    let Roles {
+        api,
+        workers,
+        scheduler,
+    } = roles;
+    if !api && !workers && !scheduler {
+        bail!("nothing to run: --no-api, --no-workers and --no-scheduler leave no role");
     }
     let mut config = config;
     if let Some(c) = concurrency {
@@ -516,6 +555,23 @@ async fn serve(
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let mut roles = tokio::task::JoinSet::new();
+    if api {
+        let tokens = crate::api::Tokens::from_env()?;
+        if tokens.is_empty() {
+            tracing::warn!(
+                "no API tokens (CRM_SYNC_ADMIN_TOKENS, CRM_SYNC_READ_TOKENS): /api answers 401 to everyone"
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+        let state = crate::api::AppState {
+            pool: pool.clone(),
+            config: Arc::new(config.clone()),
+            tokens: Arc::new(tokens),
+        };
+        roles.spawn(crate::api::serve(listener, state, shutdown.clone()));
+    }
     if scheduler {
         let scheduler = Scheduler::new(pool.clone(), &config)?;
         roles.spawn(scheduler.run(shutdown.clone()));

@@ -1,0 +1,154 @@
+//! Bearer tokens from the environment or secret files, in two scopes: `read` sees everything,
+//! `admin` may also trigger, retry, rerun and cancel. Tokens are compared in constant time.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use super::{ApiError, AppState};
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    Read,
+    Admin,
+}
+
+/// The accepted tokens.
+#[derive(Default)]
+pub struct Tokens {
+    admin: Vec<String>,
+    read: Vec<String>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tokens({} admin, {} read)",
+            self.admin.len(),
+            self.read.len()
+        )
+    }
+}
+
+impl Tokens {
+    /// Comma-separated lists from `CRM_SYNC_ADMIN_TOKENS` / `CRM_SYNC_READ_TOKENS`, or from the files
+    /// named by `CRM_SYNC_ADMIN_TOKENS_FILE` / `CRM_SYNC_READ_TOKENS_FILE` (one token per line).
+    pub fn from_env() -> anyhow::Result<Self> {
+        Ok(Self {
+            admin: load("CRM_SYNC_ADMIN_TOKENS")?,
+            read: load("CRM_SYNC_READ_TOKENS")?,
+        })
+    }
+
+    pub fn new(admin: Vec<String>, read: Vec<String>) -> Self {
+        Self { admin, read }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.admin.is_empty() && self.read.is_empty()
+    }
+
+    /// The scope of a presented token, if any.
+    pub fn scope_of(&self, presented: &str) -> Option<Scope> {
+        // Check every token (no early exit) so timing does not reveal which list matched.
+        let admin = self.admin.iter().fold(false, |hit, t| {
+            hit | constant_time_eq(t.as_bytes(), presented.as_bytes())
+        });
+        let read = self.read.iter().fold(false, |hit, t| {
+            hit | constant_time_eq(t.as_bytes(), presented.as_bytes())
+        });
+        if admin {
+            Some(Scope::Admin)
+        } else if read {
+            Some(Scope::Read)
+        } else {
+            None
+        }
+    }
+}
+
+fn load(var: &str) -> anyhow::Result<Vec<String>> {
+    let text = match (std::env::var(var), std::env::var(format!("{var}_FILE"))) {
+        (Ok(v), _) => v.replace(',', "\n"),
+        (Err(_), Ok(path)) => std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {var}_FILE ({path}): {e}"))?,
+        _ => String::new(),
+    };
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect();
+    if let Some(short) = tokens.iter().find(|t| t.len() < 16) {
+        anyhow::bail!(
+            "{var}: tokens must be at least 16 characters (one has {})",
+            short.len()
+        );
+    }
+    Ok(tokens)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
+    }
+    diff == 0
+}
+
+/// A request authenticated with some scope (extractor).
+pub struct Caller(pub Scope);
+
+impl Caller {
+    /// Refuses read-only callers for `action`.
+    pub fn require_admin(&self, action: &str) -> Result<(), ApiError> {
+        if self.0 == Scope::Admin {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(action.to_string()))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(ApiError::Unauthorized)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or(ApiError::Unauthorized)?
+            .trim();
+        state
+            .tokens
+            .scope_of(token)
+            .map(Caller)
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_and_constant_time_comparison() {
+        let t = Tokens::new(
+            vec!["admin-token-0123456789".into()],
+            vec!["read-token-0123456789".into()],
+        );
+        assert_eq!(t.scope_of("admin-token-0123456789"), Some(Scope::Admin));
+        assert_eq!(t.scope_of("read-token-0123456789"), Some(Scope::Read));
+        assert_eq!(t.scope_of("admin-token-012345678"), None);
+        assert_eq!(t.scope_of(""), None);
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
