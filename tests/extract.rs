@@ -79,13 +79,7 @@ path = "accounts/raw/accounts_{{date}}_{{time}}.json"
 }
 
 async fn run_once(s: &Setup) -> (Uuid, String) {
-    let worker = RunningWorker::start(&s.db, &s.config).await;
-    let run = queue::enqueue(&s.db.pool, "accounts", &json!({}), None, Trigger::Cli)
-        .await
-        .unwrap();
-    let status = wait_for_run(&s.db.pool, run, Duration::from_secs(30)).await;
-    worker.stop().await;
-    (run, status)
+    common::run_pipeline(&s.db, &s.config, "accounts", Duration::from_secs(30)).await
 }
 
 async fn step(db: &TestDb, run: Uuid) -> (Option<Value>, Vec<(String, Option<String>)>) {

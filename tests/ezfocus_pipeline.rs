@@ -51,14 +51,17 @@ async fn setup(edit: impl Fn(String) -> String) -> Setup {
 }
 
 async fn run(s: &Setup) -> (Uuid, String) {
-    common::run_pipeline(&s.db, &s.config, "ezfocus_accounts").await
+    common::run_pipeline(
+        &s.db,
+        &s.config,
+        "ezfocus_accounts",
+        Duration::from_secs(120),
+    )
+    .await
 }
 
 async fn table_batches(db: &TestDb) -> Vec<(String, i64)> {
-    sqlx::query_as("SELECT batch_id, count(*) FROM ezfocus.accounts_list GROUP BY batch_id")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap()
+    common::table_batches(&db.pool, "ezfocus.accounts_list").await
 }
 
 #[tokio::test]

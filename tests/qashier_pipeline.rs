@@ -61,14 +61,17 @@ async fn setup(password: &str) -> Setup {
 }
 
 async fn run(s: &Setup) -> (Uuid, String) {
-    common::run_pipeline(&s.db, &s.config, "qashier_customers").await
+    common::run_pipeline(
+        &s.db,
+        &s.config,
+        "qashier_customers",
+        Duration::from_secs(120),
+    )
+    .await
 }
 
 async fn table_batches(db: &TestDb) -> Vec<(String, i64)> {
-    sqlx::query_as("SELECT batch_id::text, count(*) FROM backoffice.customers GROUP BY batch_id")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap()
+    common::table_batches(&db.pool, "backoffice.customers").await
 }
 
 fn chromium_processes_left(profile_hint: &str) -> usize {

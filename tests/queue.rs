@@ -124,15 +124,8 @@ async fn retryable_failures_back_off_and_then_succeed() {
             "[[pipelines]]\nname = \"flaky\"\nmax_attempts = 5\nretry_backoff = \"200ms\"\nsource = { kind = \"noop\", fail_times = 2 }\n"
         ))
         .await;
-    let worker = RunningWorker::start(&db, &config).await;
-    let run = queue::enqueue(&db.pool, "flaky", &json!({}), None, Trigger::Cli)
-        .await
-        .unwrap();
-    assert_eq!(
-        wait_for_run(&db.pool, run, Duration::from_secs(20)).await,
-        "succeeded"
-    );
-    worker.stop().await;
+    let (run, status) = common::run_pipeline(&db, &config, "flaky", Duration::from_secs(20)).await;
+    assert_eq!(status, "succeeded");
 
     let log = attempts_of(&db, run, "noop").await;
     let outcomes: Vec<&str> = log.iter().map(|a| a.outcome.as_str()).collect();
@@ -163,15 +156,8 @@ async fn a_step_that_keeps_failing_fails_the_run_after_max_attempts() {
             pipeline("doomed", "max_attempts = 5", "fail_times = 9")
         ))
         .await;
-    let worker = RunningWorker::start(&db, &config).await;
-    let run = queue::enqueue(&db.pool, "doomed", &json!({}), None, Trigger::Cli)
-        .await
-        .unwrap();
-    assert_eq!(
-        wait_for_run(&db.pool, run, Duration::from_secs(20)).await,
-        "failed"
-    );
-    worker.stop().await;
+    let (run, status) = common::run_pipeline(&db, &config, "doomed", Duration::from_secs(20)).await;
+    assert_eq!(status, "failed");
 
     let log = attempts_of(&db, run, "noop").await;
     assert_eq!(log.len(), 5);
@@ -196,15 +182,8 @@ async fn a_terminal_error_fails_the_run_at_once() {
             )
         ))
         .await;
-    let worker = RunningWorker::start(&db, &config).await;
-    let run = queue::enqueue(&db.pool, "strict", &json!({}), None, Trigger::Cli)
-        .await
-        .unwrap();
-    assert_eq!(
-        wait_for_run(&db.pool, run, Duration::from_secs(10)).await,
-        "failed"
-    );
-    worker.stop().await;
+    let (run, status) = common::run_pipeline(&db, &config, "strict", Duration::from_secs(10)).await;
+    assert_eq!(status, "failed");
 
     assert_eq!(attempts_of(&db, run, "noop_1").await.len(), 1);
     assert!(
@@ -607,15 +586,8 @@ async fn a_step_over_its_timeout_fails_as_retryable_and_is_retried() {
             )
         ))
         .await;
-    let worker = RunningWorker::start(&db, &config).await;
-    let run = queue::enqueue(&db.pool, "stuck", &json!({}), None, Trigger::Cli)
-        .await
-        .unwrap();
-    assert_eq!(
-        wait_for_run(&db.pool, run, Duration::from_secs(10)).await,
-        "failed"
-    );
-    worker.stop().await;
+    let (run, status) = common::run_pipeline(&db, &config, "stuck", Duration::from_secs(10)).await;
+    assert_eq!(status, "failed");
     let log = attempts_of(&db, run, "noop").await;
     assert_eq!(
         log.iter().map(|a| a.outcome.as_str()).collect::<Vec<_>>(),
@@ -642,15 +614,8 @@ async fn the_health_view_reports_last_success_and_staleness() {
             pipeline("never", "freshness_sla = \"1h\"", "sleep_ms = 0")
         ))
         .await;
-    let worker = RunningWorker::start(&db, &config).await;
-    let run = queue::enqueue(&db.pool, "fresh", &json!({}), None, Trigger::Cli)
-        .await
-        .unwrap();
-    assert_eq!(
-        wait_for_run(&db.pool, run, Duration::from_secs(10)).await,
-        "succeeded"
-    );
-    worker.stop().await;
+    let (run, status) = common::run_pipeline(&db, &config, "fresh", Duration::from_secs(10)).await;
+    assert_eq!(status, "succeeded");
     let rows: Vec<(String, bool, Option<String>, Option<Uuid>)> = sqlx::query_as(
         "SELECT pipeline, stale, last_status, last_run_id FROM crm_sync.pipeline_health ORDER BY pipeline",
     )

@@ -149,9 +149,14 @@ pub async fn wait_for_run(pool: &PgPool, id: Uuid, timeout: Duration) -> String 
     }
 }
 
-/// Starts a worker, enqueues one run of `pipeline`, waits for it to finish, stops the worker; returns
-/// the run id and its final status.
-pub async fn run_pipeline(db: &TestDb, config: &Config, pipeline: &str) -> (Uuid, String) {
+/// Starts a worker, enqueues one run of `pipeline`, waits up to `timeout` for it to finish, stops the
+/// worker; returns the run id and its final status.
+pub async fn run_pipeline(
+    db: &TestDb,
+    config: &Config,
+    pipeline: &str,
+    timeout: Duration,
+) -> (Uuid, String) {
     let worker = RunningWorker::start(db, config).await;
     let id = crm_sync::queue::enqueue(
         &db.pool,
@@ -162,7 +167,7 @@ pub async fn run_pipeline(db: &TestDb, config: &Config, pipeline: &str) -> (Uuid
     )
     .await
     .expect("enqueue");
-    let status = wait_for_run(&db.pool, id, Duration::from_secs(120)).await;
+    let status = wait_for_run(&db.pool, id, timeout).await;
     worker.stop().await;
     (id, status)
 }
@@ -174,6 +179,16 @@ pub async fn batch_of(pool: &PgPool, run: Uuid) -> String {
         .fetch_one(pool)
         .await
         .expect("run exists")
+}
+
+/// Rows per batch_id in a destination table.
+pub async fn table_batches(pool: &PgPool, table: &str) -> Vec<(String, i64)> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT batch_id::text, count(*) FROM {table} GROUP BY batch_id"
+    )))
+    .fetch_all(pool)
+    .await
+    .expect("destination table readable")
 }
 
 /// A run's error text ("" when it has none).
