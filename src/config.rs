@@ -557,8 +557,9 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// Durations are written the human way: "9m", "30s", "250ms", "1h 30m".
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+/// Durations are written the human way: "9m", "30s", "250ms", "1h 30m". Every config table with a
+/// duration (sources included) reads it through this one function, so the message is the same.
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(|e| {
         serde::de::Error::custom(format!(

@@ -47,8 +47,8 @@ use chromiumoxide::handler::viewport::Viewport;
 use chromiumoxide::layout::Point;
 use chromiumoxide::page::ScreenshotParams;
 use futures::StreamExt;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
@@ -93,15 +93,21 @@ pub struct BrowserExportConfig {
     #[serde(default)]
     pub chromium: Option<PathBuf>,
     /// Bound on opening the login page, on finding the form, and on the login itself.
-    #[serde(default = "defaults::login_timeout", deserialize_with = "de_duration")]
+    #[serde(
+        default = "defaults::login_timeout",
+        deserialize_with = "crate::config::duration"
+    )]
     pub login_timeout: Duration,
     /// Bound on the Export button appearing after login (the list loads slowly).
-    #[serde(default = "defaults::export_timeout", deserialize_with = "de_duration")]
+    #[serde(
+        default = "defaults::export_timeout",
+        deserialize_with = "crate::config::duration"
+    )]
     pub export_timeout: Duration,
     /// Bound on the Confirm button appearing and on the download completing.
     #[serde(
         default = "defaults::download_timeout",
-        deserialize_with = "de_duration"
+        deserialize_with = "crate::config::duration"
     )]
     pub download_timeout: Duration,
 }
@@ -139,12 +145,6 @@ mod defaults {
 }
 
 /// Durations are humantime strings in the config (`"30s"`, `"2m"`, `"1m 30s"`).
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    humantime::parse_duration(&text)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
-}
-
 impl BrowserExportConfig {
     /// A config with every optional field at its default.
     pub fn new(login_url: impl Into<String>, username: SecretRef, password: SecretRef) -> Self {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::backup::BackupStore;
@@ -34,10 +34,16 @@ pub struct HttpJsonConfig {
     pub password: Option<SecretRef>,
     #[serde(default)]
     pub bearer_token: Option<SecretRef>,
-    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "crate::config::duration"
+    )]
     pub connect_timeout: Duration,
     /// Longest silence while reading the answer.
-    #[serde(default = "default_read_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_read_timeout",
+        deserialize_with = "crate::config::duration"
+    )]
     pub read_timeout: Duration,
 }
 
@@ -60,9 +66,15 @@ pub struct EzFocusSourceConfig {
     pub tpcl: Vec<String>,
     #[serde(default)]
     pub agent: Option<String>,
-    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "crate::config::duration"
+    )]
     pub connect_timeout: Duration,
-    #[serde(default = "default_read_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_read_timeout",
+        deserialize_with = "crate::config::duration"
+    )]
     pub read_timeout: Duration,
 }
 
@@ -74,12 +86,6 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_read_timeout() -> Duration {
     Duration::from_secs(60)
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration \"{s}\": {e}")))
 }
 
 impl EzFocusSourceConfig {
