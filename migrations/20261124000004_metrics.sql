@@ -59,3 +59,6 @@ LANGUAGE sql STABLE AS $$
         (SELECT count(*) FROM crm_sync.workers
           WHERE stopped_at IS NULL AND heartbeat_at > now() - lease_ms * interval '1 millisecond');
 $$;
+
+-- Runs finished recently, for the all-runs event stream of the console.
+CREATE INDEX runs_finished ON crm_sync.runs (finished_at) WHERE finished_at IS NOT NULL;

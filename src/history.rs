@@ -22,6 +22,8 @@ pub struct RunSummary {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    /// Rows the load step wrote (absent until it succeeded).
+    pub rows_loaded: Option<i64>,
 }
 
 impl RunSummary {
@@ -87,17 +89,20 @@ pub struct RunFilter {
     pub limit: i64,
 }
 
-const RUN_COLUMNS: &str = "id, pipeline, batch_id, trigger, status, params, retry_of, rerun_of, scheduled_for, \
-                           created_at, started_at, finished_at, error";
+/// The columns of [`RunSummary`], over `crm_sync.runs r`.
+pub(crate) const RUN_COLUMNS: &str = "r.id, r.pipeline, r.batch_id, r.trigger, r.status, r.params, r.retry_of, \
+     r.rerun_of, r.scheduled_for, r.created_at, r.started_at, r.finished_at, r.error, \
+     (SELECT (l.output->>'rows')::bigint FROM crm_sync.steps l \
+       WHERE l.run_id = r.id AND l.name = 'load' AND l.status = 'succeeded') AS rows_loaded";
 
 /// Runs, newest first.
 pub async fn list_runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunSummary>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {RUN_COLUMNS} FROM crm_sync.runs
-          WHERE ($1::text IS NULL OR pipeline = $1)
-            AND ($2::text IS NULL OR status = $2)
-            AND ($3::timestamptz IS NULL OR created_at < $3)
-          ORDER BY created_at DESC, id DESC
+        "SELECT {RUN_COLUMNS} FROM crm_sync.runs r
+          WHERE ($1::text IS NULL OR r.pipeline = $1)
+            AND ($2::text IS NULL OR r.status = $2)
+            AND ($3::timestamptz IS NULL OR r.created_at < $3)
+          ORDER BY r.created_at DESC, r.id DESC
           LIMIT $4"
     )))
     .bind(&filter.pipeline)
@@ -111,7 +116,7 @@ pub async fn list_runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunSumma
 /// One run with its steps and attempts; `None` if there is no such run.
 pub async fn run_detail(pool: &PgPool, id: Uuid) -> Result<Option<RunDetail>, sqlx::Error> {
     let Some(run) = sqlx::query_as::<_, RunSummary>(sqlx::AssertSqlSafe(format!(
-        "SELECT {RUN_COLUMNS} FROM crm_sync.runs WHERE id = $1"
+        "SELECT {RUN_COLUMNS} FROM crm_sync.runs r WHERE r.id = $1"
     )))
     .bind(id)
     .fetch_optional(pool)

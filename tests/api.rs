@@ -639,6 +639,8 @@ async fn openapi_documents_every_route() {
         ("GET", "/health/pipelines"),
         ("GET", "/metrics"),
         ("GET", "/api/openapi.json"),
+        ("GET", "/api/whoami"),
+        ("GET", "/api/events"),
         ("GET", "/api/pipelines"),
         ("POST", "/api/pipelines/{name}/runs"),
         ("GET", "/api/runs"),
@@ -657,7 +659,7 @@ async fn openapi_documents_every_route() {
     assert_eq!(documented.len(), routes.len(), "{documented:?}");
     // Every documented operation is routed: the router answers it (a missing route would be an
     // empty 404 or a 405, never a JSON body naming the problem).
-    for (method, path) in &documented {
+    for (method, path) in documented.iter().filter(|(_, p)| p != "/api/events") {
         let concrete = path
             .replace("{name}", "noop")
             .replace("{id}", &Uuid::nil().to_string());
@@ -685,4 +687,82 @@ async fn openapi_documents_every_route() {
         doc["components"]["schemas"]["RunDetail"].is_object(),
         "{doc}"
     );
+}
+
+#[tokio::test]
+async fn console_support_scope_pipelines_and_the_all_runs_stream() {
+    let db = TestDb::new().await;
+    let mut config = db.config(CONFIG).await;
+    config.pipelines[0].schedule = Some("0 2 * * *".into());
+    config.pipelines[0].timezone = "Asia/Singapore".into();
+    let api = Api::start(&db, &config).await;
+
+    let (status, me) = api.call("GET", "/api/whoami", Some(READER), None).await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(me["scope"], "read");
+    let (_, me) = api.call("GET", "/api/whoami", Some(ADMIN), None).await;
+    assert_eq!(me["scope"], "admin");
+
+    let (status, body) = api.call("GET", "/api/pipelines", Some(READER), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let noop = &body["pipelines"][0];
+    assert_eq!(noop["name"], "noop");
+    let local = noop["next_fire_local"].as_str().unwrap();
+    assert!(local.ends_with("T02:00:00+08:00"), "{noop}");
+    let utc: chrono::DateTime<chrono::Utc> =
+        noop["next_fire_utc"].as_str().unwrap().parse().unwrap();
+    assert_eq!(utc.format("%H:%M").to_string(), "18:00");
+    assert_eq!(noop["freshness_sla_s"], 3600);
+    assert_eq!(noop["stale"], true);
+    assert_eq!(noop["last_status"], Value::Null);
+    assert_eq!(body["pipelines"][1]["next_fire_utc"], Value::Null);
+
+    // The all-runs stream reports a new run and its status changes.
+    let resp = api
+        .client
+        .get(format!("{}/api/events", api.base))
+        .bearer_auth(READER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (_, created) = api
+        .client
+        .post(format!("{}/api/pipelines/noop/runs", api.base))
+        .bearer_auth(ADMIN)
+        .header("X-Crm-Sync-Client", "console")
+        .send()
+        .await
+        .map(|r| ((), r))
+        .unwrap();
+    let id = created.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let worker = RunningWorker::start(&db, &config).await;
+    let mut stream = resp.bytes_stream();
+    let mut text = String::new();
+    let seen_success = tokio::time::timeout(Duration::from_secs(15), async {
+        use futures_util::StreamExt;
+        while let Some(chunk) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if text.contains(&format!("\"id\":\"{id}\""))
+                && text.contains("\"status\":\"succeeded\"")
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    worker.stop().await;
+    assert!(
+        seen_success.is_ok(),
+        "no succeeded event for {id} in: {text}"
+    );
+    assert!(text.contains("event: run"), "{text}");
+    assert!(text.contains("\"trigger\":\"console\""), "{text}");
+
+    let (_, after) = api.call("GET", "/api/pipelines", Some(READER), None).await;
+    assert_eq!(after["pipelines"][0]["last_status"], "succeeded");
+    assert_eq!(after["pipelines"][0]["stale"], false);
 }

@@ -1,10 +1,39 @@
 //! Bearer tokens from the environment or secret files, in two scopes: `read` sees everything,
 //! `admin` may also trigger, retry, rerun and cancel. Tokens are compared in constant time.
 
+use axum::Json;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::openapi::ErrorBody;
 use super::{ApiError, AppState};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(whoami))
+}
+
+/// What the presented token may do.
+#[derive(Serialize, ToSchema)]
+struct WhoAmI {
+    /// `read` or `admin`.
+    scope: &'static str,
+}
+
+/// The scope of the presented token (the console shows action buttons to admin tokens only).
+#[utoipa::path(get, path = "/whoami", tag = "runs", security(("bearer" = [])),
+    responses((status = 200, body = WhoAmI), (status = 401, body = ErrorBody)))]
+async fn whoami(caller: Caller) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        scope: match caller.0 {
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        },
+    })
+}
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

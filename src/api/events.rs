@@ -1,17 +1,22 @@
-//! `GET /api/runs/{id}/events`: a run's state changes as server-sent events, for the console and for
-//! scripts that want to follow a run without polling the API themselves.
+//! Server-sent events, for the console and for scripts that want to follow runs without polling the
+//! API themselves.
 //!
-//! The stream opens with a `snapshot` event (the whole run, as `GET /api/runs/{id}`), then sends a
+//! `GET /api/events`: a `run` event (a run summary, as `GET /api/runs` lists it) whenever any run is
+//! created or changes status, for live lists.
+//!
+//! `GET /api/runs/{id}/events`: one run's state changes. The stream opens with a `snapshot` event (the whole run, as `GET /api/runs/{id}`), then sends a
 //! `step` event whenever a step's state, attempt count or error changes and a `run` event whenever
 //! the run's status changes, and ends after the run reaches a final status. Changes are read from
 //! the history every [`POLL`]: the queue's hot path stays free of per-change notifications, and a
 //! client that reconnects simply gets a fresh snapshot.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
+use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 use serde_json::json;
 use utoipa_axum::router::OpenApiRouter;
@@ -22,13 +27,100 @@ use super::auth::Caller;
 use super::openapi::ErrorBody;
 use super::runs::run_id;
 use super::{ApiError, AppState};
-use crate::history::{self, RunDetail, StepRecord};
+use crate::history::{self, RUN_COLUMNS, RunDetail, RunSummary, StepRecord};
 
 /// How often a followed run is re-read.
 const POLL: Duration = Duration::from_millis(250);
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(run_events))
+    OpenApiRouter::new()
+        .routes(routes!(run_events))
+        .routes(routes!(all_runs_events))
+}
+
+/// Every run's status changes: `run` events carrying the run summary, until the client leaves.
+#[utoipa::path(get, path = "/events", tag = "runs", security(("bearer" = [])),
+    responses(
+        (status = 200, content_type = "text/event-stream",
+         description = "event: run (a run summary as GET /api/runs lists it) whenever a run is created or changes status"),
+        (status = 401, body = ErrorBody),
+    ))]
+async fn all_runs_events(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let since: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&state.pool)
+        .await?;
+    let watch = RunWatch {
+        since,
+        known: HashMap::new(),
+    };
+    let stream = futures::stream::unfold(watch, move |mut watch| {
+        let pool = state.pool.clone();
+        async move {
+            let events = watch.next(&pool).await;
+            Some((events, watch))
+        }
+    })
+    .flat_map(futures::stream::iter);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// What an all-runs follower has seen: the status of each run it reported, and the database time of
+/// its last look.
+struct RunWatch {
+    since: DateTime<Utc>,
+    known: HashMap<Uuid, String>,
+}
+
+impl RunWatch {
+    /// Waits for the next changes and returns their events.
+    async fn next(&mut self, pool: &sqlx::PgPool) -> Vec<Result<Event, Infallible>> {
+        loop {
+            tokio::time::sleep(POLL).await;
+            // Active runs, and runs created or finished since the last look (with a margin for
+            // transactions that committed late).
+            let rows: Result<(DateTime<Utc>, Vec<RunSummary>), sqlx::Error> = async {
+                let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
+                let runs = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {RUN_COLUMNS} FROM crm_sync.runs r
+                      WHERE r.status IN ('queued', 'running')
+                         OR r.created_at > $1 - interval '5 seconds'
+                         OR r.finished_at > $1 - interval '5 seconds'
+                      ORDER BY r.created_at"
+                )))
+                .bind(self.since)
+                .fetch_all(pool)
+                .await?;
+                Ok((now, runs))
+            }
+            .await;
+            let (now, runs) = match rows {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading runs for the events stream failed");
+                    continue;
+                }
+            };
+            self.since = now;
+            let mut events = Vec::new();
+            for run in runs {
+                if self.known.get(&run.id) != Some(&run.status) {
+                    self.known.insert(run.id, run.status.clone());
+                    events.push(Ok(json_event("run", &run)));
+                }
+            }
+            // Finished runs cannot change again (a retry is a new run): forget them once they
+            // are out of the look-back window.
+            if self.known.len() > 10_000 {
+                self.known.retain(|_, status| !is_final(status));
+            }
+            if !events.is_empty() {
+                return events;
+            }
+        }
+    }
 }
 
 /// Follows a run: `snapshot`, then `step` and `run` events as they happen, until it finishes.

@@ -11,6 +11,7 @@ mod events;
 mod health;
 mod metrics;
 mod openapi;
+mod pipelines;
 mod runs;
 
 pub use auth::{Scope, Tokens};
@@ -87,7 +88,9 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .merge(metrics::router())
         .nest(
             "/api",
-            runs::router()
+            auth::router()
+                .merge(pipelines::router())
+                .merge(runs::router())
                 .merge(events::router())
                 .merge(openapi::router()),
         )

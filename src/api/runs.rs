@@ -1,4 +1,4 @@
-//! `/api/pipelines` and `/api/runs`: trigger, list, read, retry, rerun, cancel.
+//! `/api/pipelines/{name}/runs` and `/api/runs`: trigger, list, read, retry, rerun, cancel.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -19,7 +19,6 @@ use crate::queue::{self, Trigger};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list_pipelines))
         .routes(routes!(trigger))
         .routes(routes!(list_runs))
         .routes(routes!(show_run))
@@ -28,29 +27,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(cancel))
 }
 
-/// A configured pipeline.
-#[derive(Serialize, ToSchema)]
-struct PipelineInfo {
-    name: String,
-    enabled: bool,
-    /// Step names in order.
-    steps: Vec<String>,
-    /// Cron expression, absent for manual-only pipelines.
-    schedule: Option<String>,
-    /// IANA time zone of the schedule.
-    timezone: String,
-    max_attempts: u32,
-    max_concurrent_runs: u32,
-}
-
-#[derive(Serialize, ToSchema)]
-struct PipelineList {
-    pipelines: Vec<PipelineInfo>,
-}
-
 /// The run a request created (or, with a repeated `Idempotency-Key`, found).
 #[derive(Serialize, ToSchema)]
-struct RunCreated {
+pub(super) struct RunCreated {
     id: Uuid,
 }
 
@@ -67,39 +46,13 @@ struct RunCancelled {
     status: String,
 }
 
-/// The configured pipelines.
-#[utoipa::path(get, path = "/pipelines", tag = "runs", security(("bearer" = [])),
-    responses(
-        (status = 200, body = PipelineList),
-        (status = 401, description = "Missing or unknown token", body = ErrorBody),
-    ))]
-async fn list_pipelines(
-    State(state): State<AppState>,
-    _caller: Caller,
-) -> Result<Json<PipelineList>, ApiError> {
-    let pipelines = state
-        .config
-        .pipelines
-        .iter()
-        .map(|p| PipelineInfo {
-            name: p.name.clone(),
-            enabled: p.enabled,
-            steps: p.step_names(),
-            schedule: p.schedule.clone(),
-            timezone: p.timezone.clone(),
-            max_attempts: p.max_attempts,
-            max_concurrent_runs: p.max_concurrent_runs,
-        })
-        .collect();
-    Ok(Json(PipelineList { pipelines }))
-}
-
 /// Starts a run. The optional body is the run's parameters (a JSON object); repeating a request with
 /// the same `Idempotency-Key` returns the same run.
 #[utoipa::path(post, path = "/pipelines/{name}/runs", tag = "runs", security(("bearer" = [])),
     params(
         ("name" = String, Path, description = "The pipeline's name"),
         ("Idempotency-Key" = Option<String>, Header, description = "1-200 characters; a repeat returns the same run"),
+        ("X-Crm-Sync-Client" = Option<String>, Header, description = "`console` records the run's trigger as console"),
     ),
     request_body(content = Option<Object>, description = "Run parameters", content_type = "application/json"),
     responses(
@@ -138,7 +91,7 @@ async fn trigger(
                 })?,
         ),
     };
-    let id = queue::enqueue(&state.pool, &name, &params, key, Trigger::Api).await?;
+    let id = queue::enqueue(&state.pool, &name, &params, key, trigger_of(&headers)).await?;
     Ok((StatusCode::ACCEPTED, Json(RunCreated { id })))
 }
 
@@ -196,6 +149,14 @@ async fn list_runs(
     Ok(Json(RunList { runs }))
 }
 
+/// Runs started from the console say so (`X-Crm-Sync-Client: console`); all others are `api`.
+fn trigger_of(headers: &HeaderMap) -> Trigger {
+    match headers.get("x-crm-sync-client") {
+        Some(v) if v == "console" => Trigger::Console,
+        _ => Trigger::Api,
+    }
+}
+
 pub(super) fn run_id(id: &str) -> Result<Uuid, ApiError> {
     id.parse()
         .map_err(|_| ApiError::BadRequest(format!("\"{id}\" is not a run id (a UUID)")))
@@ -244,7 +205,10 @@ async fn retry(
 
 /// Runs the same pipeline with the same parameters again from the first step, in a new batch.
 #[utoipa::path(post, path = "/runs/{id}/rerun", tag = "runs", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Any finished run")),
+    params(
+        ("id" = String, Path, description = "Any finished run"),
+        ("X-Crm-Sync-Client" = Option<String>, Header, description = "`console` records the run's trigger as console"),
+    ),
     responses(
         (status = 202, description = "The new run", body = RunCreated),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -254,9 +218,10 @@ async fn rerun(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<(StatusCode, Json<RunCreated>), ApiError> {
     caller.require_admin("rerunning a run")?;
-    let new = queue::rerun(&state.pool, run_id(&id)?, Trigger::Api).await?;
+    let new = queue::rerun(&state.pool, run_id(&id)?, trigger_of(&headers)).await?;
     Ok((StatusCode::ACCEPTED, Json(RunCreated { id: new })))
 }
 
