@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 /// One run as listed by `crm-sync runs` and `GET /api/runs`.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct RunSummary {
     pub id: Uuid,
     pub pipeline: String,
@@ -34,7 +34,7 @@ impl RunSummary {
 }
 
 /// One step of a run, with its attempts.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StepRecord {
     pub id: i64,
     pub name: String,
@@ -57,7 +57,7 @@ pub struct StepRecord {
 }
 
 /// One attempt at a step: who ran it, when, and how it ended.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AttemptRecord {
     #[serde(skip)]
     pub step_id: i64,
@@ -70,7 +70,7 @@ pub struct AttemptRecord {
 }
 
 /// A run with everything known about it (`crm-sync show`, `GET /api/runs/{id}`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RunDetail {
     #[serde(flatten)]
     pub run: RunSummary,

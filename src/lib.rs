@@ -15,6 +15,7 @@
 //! - [`history`]: read-side queries over runs, steps and attempts (the run log);
 //! - [`fixtures`]: stand-in EZ Focus and Qashier servers for tests and the demo;
 //! - [`bench`]: the project's own benchmark commands;
+//! - [`metrics`]: Prometheus metrics of the process and of the queue;
 //! - [`api`]: the admin HTTP API (health, runs) served by `crm-sync serve`;
 //! - [`cli`]: the `crm-sync` command line.
 
@@ -28,6 +29,7 @@ pub mod destinations;
 pub mod fixtures;
 pub mod gcp;
 pub mod history;
+pub mod metrics;
 pub mod pipeline;
 pub mod queue;
 pub mod scheduler;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{RunningWorker, TestDb, wait_for_run};
 use crm_sync::api::{self, AppState, Tokens};
+use crm_sync::metrics::Metrics;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,7 @@ const READER: &str = "read-token-for-tests-0001";
 struct Api {
     base: String,
     client: reqwest::Client,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 }
 
@@ -26,16 +28,18 @@ impl Api {
     async fn start(db: &TestDb, config: &crm_sync::config::Config) -> Api {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let state = AppState {
-            pool: db.pool.clone(),
-            config: Arc::new(config.clone()),
-            tokens: Arc::new(Tokens::new(vec![ADMIN.into()], vec![READER.into()])),
-        };
+        let state = AppState::new(
+            db.pool.clone(),
+            Arc::new(config.clone()),
+            Tokens::new(vec![ADMIN.into()], vec![READER.into()]),
+        );
+        let metrics = state.metrics.clone();
         let stop = CancellationToken::new();
         tokio::spawn(api::serve(listener, state, stop.clone()));
         Api {
             base,
             client: reqwest::Client::new(),
+            metrics,
             stop,
         }
     }
@@ -60,6 +64,55 @@ impl Api {
         let status = resp.status();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
+
+    async fn metrics(&self) -> String {
+        let resp = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        resp.text().await.unwrap()
+    }
+}
+
+/// Polls `check` until it holds; fails the test after `timeout`.
+async fn eventually<F, Fut>(timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of the sample of `name` whose labels include every `labels` pair.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let metric = l.split(['{', ' ']).next().unwrap_or_default();
+            metric == name
+        })
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 impl Drop for Api {
@@ -81,6 +134,15 @@ source = { kind = "noop" }
 [[pipelines]]
 name = "broken"
 source = { kind = "noop", fail_times = 1, fail_kind = "terminal" }
+
+[[pipelines]]
+name = "flaky"
+retry_backoff = "10ms"
+source = { kind = "noop", fail_times = 1, steps = 2, fail_step = "noop_2" }
+
+[[pipelines]]
+name = "slow"
+source = { kind = "noop", sleep_ms = 700, steps = 2 }
 "#;
 
 #[tokio::test]
@@ -113,7 +175,13 @@ async fn health_reflects_the_history() {
     worker.stop().await;
     let (status, body) = api.call("GET", "/health/pipelines", None, None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["pipelines"][1]["last_status"], "succeeded");
+    let noop = body["pipelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pipeline"] == "noop")
+        .unwrap();
+    assert_eq!(noop["last_status"], "succeeded", "{body}");
 }
 
 #[tokio::test]
@@ -312,4 +380,309 @@ async fn bad_input_gets_a_4xx_that_names_the_problem() {
         )
         .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn metrics_count_runs_retries_and_read_the_queue() {
+    let db = TestDb::new().await;
+    let config = db.config(CONFIG).await;
+    let api = Api::start(&db, &config).await;
+
+    // Nothing ran yet: the queue gauges are there, the never-succeeded SLA pipeline is stale.
+    let text = api.metrics().await;
+    assert_eq!(
+        sample(&text, "crm_sync_queue_depth", &[("state", "queued")]),
+        Some(0.0)
+    );
+    assert_eq!(sample(&text, "crm_sync_workers_alive", &[]), Some(0.0));
+    assert_eq!(
+        sample(&text, "crm_sync_pipeline_stale", &[("pipeline", "noop")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "crm_sync_pipeline_freshness_sla_seconds",
+            &[("pipeline", "noop")]
+        ),
+        Some(3600.0)
+    );
+    assert_eq!(
+        sample(&text, "crm_sync_pipeline_stale", &[("pipeline", "broken")]),
+        None
+    );
+    assert!(text.contains("crm_sync_build_info{version=\""), "{text}");
+
+    // Work waiting with no worker: counted as queued, and aged.
+    let mut ids = Vec::new();
+    for pipeline in ["noop", "broken", "flaky"] {
+        let (status, body) = api
+            .call(
+                "POST",
+                &format!("/api/pipelines/{pipeline}/runs"),
+                Some(ADMIN),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        ids.push(body["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = api.metrics().await;
+    assert_eq!(
+        sample(&text, "crm_sync_queue_depth", &[("state", "queued")]),
+        Some(3.0)
+    );
+    let age = sample(&text, "crm_sync_oldest_queued_step_age_seconds", &[]).unwrap();
+    assert!(age >= 0.2, "oldest queued age {age}");
+
+    let worker = RunningWorker::start_with_metrics(&db, &config, api.metrics.clone()).await;
+    let expected = ["succeeded", "failed", "succeeded"];
+    for (id, want) in ids.iter().zip(expected) {
+        assert_eq!(
+            wait_for_run(&db.pool, *id, Duration::from_secs(10)).await,
+            want
+        );
+    }
+    // A run held by the worker while we look.
+    let (_, body) = api
+        .call("POST", "/api/pipelines/slow/runs", Some(ADMIN), None)
+        .await;
+    let slow: Uuid = body["id"].as_str().unwrap().parse().unwrap();
+    eventually(Duration::from_secs(5), || async {
+        let text = api.metrics().await;
+        sample(&text, "crm_sync_worker_busy_slots", &[]) == Some(1.0)
+            && sample(&text, "crm_sync_queue_depth", &[("state", "running")]) == Some(1.0)
+    })
+    .await;
+    let text = api.metrics().await;
+    assert_eq!(sample(&text, "crm_sync_workers_alive", &[]), Some(1.0));
+    assert_eq!(
+        sample(&text, "crm_sync_worker_slots", &[]),
+        Some(config.worker.concurrency as f64)
+    );
+    let (status, _) = api
+        .call(
+            "POST",
+            &format!("/api/runs/{slow}/cancel"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually(Duration::from_secs(5), || async {
+        sample(&api.metrics().await, "crm_sync_worker_busy_slots", &[]) == Some(0.0)
+    })
+    .await;
+    worker.stop().await;
+
+    let text = api.metrics().await;
+    let runs = |pipeline: &str, status: &str| {
+        sample(
+            &text,
+            "crm_sync_runs_total",
+            &[
+                ("pipeline", pipeline),
+                ("status", status),
+                ("trigger", "api"),
+            ],
+        )
+    };
+    assert_eq!(runs("noop", "succeeded"), Some(1.0), "{text}");
+    assert_eq!(runs("broken", "failed"), Some(1.0));
+    assert_eq!(runs("flaky", "succeeded"), Some(1.0));
+    assert_eq!(runs("flaky", "failed"), None);
+    assert_eq!(runs("slow", "cancelled"), Some(1.0));
+    assert_eq!(
+        sample(
+            &text,
+            "crm_sync_step_retries_total",
+            &[("pipeline", "flaky"), ("step", "noop_2")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "crm_sync_step_retries_total",
+            &[("pipeline", "flaky"), ("step", "noop_1")]
+        ),
+        None
+    );
+    // Every attempt is timed: flaky's second step ran twice.
+    assert_eq!(
+        sample(
+            &text,
+            "crm_sync_step_duration_seconds_count",
+            &[("pipeline", "flaky"), ("step", "noop_2")]
+        ),
+        Some(2.0)
+    );
+    let last = sample(
+        &text,
+        "crm_sync_last_success_timestamp_seconds",
+        &[("pipeline", "noop")],
+    )
+    .expect("noop succeeded");
+    let now = chrono::Utc::now().timestamp() as f64;
+    assert!((now - last).abs() < 60.0, "last success {last}, now {now}");
+    assert_eq!(
+        sample(&text, "crm_sync_pipeline_stale", &[("pipeline", "noop")]),
+        Some(0.0)
+    );
+    assert_eq!(sample(&text, "crm_sync_workers_alive", &[]), Some(0.0));
+    // Labels never carry run ids.
+    for id in ids.iter().chain([&slow]) {
+        assert!(!text.contains(&id.to_string()));
+    }
+}
+
+#[tokio::test]
+async fn run_events_stream_state_changes_until_the_run_ends() {
+    let db = TestDb::new().await;
+    let config = db.config(CONFIG).await;
+    let api = Api::start(&db, &config).await;
+    let (_, body) = api
+        .call("POST", "/api/pipelines/slow/runs", Some(ADMIN), None)
+        .await;
+    let id: Uuid = body["id"].as_str().unwrap().parse().unwrap();
+
+    let (status, body) = api
+        .call("GET", &format!("/api/runs/{id}/events"), None, None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, body) = api
+        .call(
+            "GET",
+            &format!("/api/runs/{}/events", Uuid::nil()),
+            Some(READER),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let resp = api
+        .client
+        .get(format!("{}/api/runs/{id}/events", api.base))
+        .bearer_auth(READER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let worker = RunningWorker::start(&db, &config).await;
+    // The stream ends by itself once the run has finished.
+    let text = tokio::time::timeout(Duration::from_secs(20), resp.text())
+        .await
+        .expect("the stream ended after the run finished")
+        .unwrap();
+    worker.stop().await;
+
+    let events: Vec<(String, Value)> = text
+        .split("\n\n")
+        .filter_map(|block| {
+            let kind = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((kind.to_string(), serde_json::from_str(data).unwrap()))
+        })
+        .collect();
+    assert_eq!(events[0].0, "snapshot", "{text}");
+    assert_eq!(events[0].1["status"], "queued");
+    let step_states: Vec<(String, String)> = events
+        .iter()
+        .filter(|(k, _)| k == "step")
+        .map(|(_, d)| {
+            (
+                d["name"].as_str().unwrap().into(),
+                d["status"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    for step in ["noop_1", "noop_2"] {
+        for state in ["running", "succeeded"] {
+            assert!(
+                step_states.contains(&(step.into(), state.into())),
+                "{step} {state} missing from {step_states:?}"
+            );
+        }
+    }
+    let run_states: Vec<&str> = events
+        .iter()
+        .filter(|(k, _)| k == "run")
+        .map(|(_, d)| d["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(run_states, ["running", "succeeded"], "{text}");
+}
+
+#[tokio::test]
+async fn openapi_documents_every_route() {
+    let db = TestDb::new().await;
+    let config = db.config(CONFIG).await;
+    let api = Api::start(&db, &config).await;
+    let (status, doc) = api.call("GET", "/api/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let documented: Vec<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| (m.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let routes = [
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/health/pipelines"),
+        ("GET", "/metrics"),
+        ("GET", "/api/openapi.json"),
+        ("GET", "/api/pipelines"),
+        ("POST", "/api/pipelines/{name}/runs"),
+        ("GET", "/api/runs"),
+        ("GET", "/api/runs/{id}"),
+        ("GET", "/api/runs/{id}/events"),
+        ("POST", "/api/runs/{id}/retry"),
+        ("POST", "/api/runs/{id}/rerun"),
+        ("POST", "/api/runs/{id}/cancel"),
+    ];
+    for (method, path) in routes {
+        assert!(
+            documented.contains(&(method.to_string(), path.to_string())),
+            "{method} {path} is not in the OpenAPI document: {documented:?}"
+        );
+    }
+    assert_eq!(documented.len(), routes.len(), "{documented:?}");
+    // Every documented operation is routed: the router answers it (a missing route would be an
+    // empty 404 or a 405, never a JSON body naming the problem).
+    for (method, path) in &documented {
+        let concrete = path
+            .replace("{name}", "noop")
+            .replace("{id}", &Uuid::nil().to_string());
+        let resp = api
+            .client
+            .request(method.parse().unwrap(), format!("{}{concrete}", api.base))
+            .bearer_auth(READER)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.text().await.unwrap();
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert!(
+            status != StatusCode::NOT_FOUND || body.contains("not found"),
+            "{method} {path} is not routed: {status} {body}"
+        );
+    }
+    // Admin-only operations say so, and the bearer scheme is declared.
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    assert!(
+        doc["components"]["schemas"]["RunDetail"].is_object(),
+        "{doc}"
+    );
 }

@@ -1,10 +1,16 @@
-//! The admin HTTP API served by `crm-sync serve` (axum): health from the run history, and runs to
-//! trigger, read, retry, rerun and cancel. One state struct, a router per resource, one error enum
-//! mapped to status codes with JSON bodies (internal detail is logged, not returned).
+//! The admin HTTP API served by `crm-sync serve` (axum): health from the run history, metrics, and
+//! runs to trigger, read, follow, retry, rerun and cancel. One state struct, a router per resource,
+//! one error enum mapped to status codes with JSON bodies (internal detail is logged, not returned).
+//!
+//! Routes are registered through `utoipa-axum`, so the OpenAPI document at `/api/openapi.json` is
+//! generated from the handlers themselves and cannot miss one.
 
 mod auth;
 mod error;
+mod events;
 mod health;
+mod metrics;
+mod openapi;
 mod runs;
 
 pub use auth::{Scope, Tokens};
@@ -14,8 +20,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use sqlx::PgPool;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::metrics::cluster::ClusterMetrics;
 
 /// Everything a handler needs.
 #[derive(Clone)]
@@ -23,26 +32,85 @@ pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
     pub tokens: Arc<Tokens>,
+    /// This process's metrics (workers, scheduler in the same process record into it).
+    pub metrics: Arc<Metrics>,
+    /// The queue and freshness gauges read from PostgreSQL; `None` where only process metrics are
+    /// served (a worker's health port).
+    pub cluster: Option<Arc<ClusterMetrics>>,
 }
 
-/// The whole HTTP surface.
+impl AppState {
+    /// State for the full API: fresh process metrics and the cluster gauges.
+    pub fn new(pool: PgPool, config: Arc<Config>, tokens: Tokens) -> Self {
+        Self {
+            pool,
+            config,
+            tokens: Arc::new(tokens),
+            metrics: Metrics::new(),
+            cluster: Some(Arc::new(ClusterMetrics::new())),
+        }
+    }
+
+    /// Serves `metrics` (shared with the workers and scheduler of this process).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+}
+
+/// The whole HTTP surface of `serve`.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .merge(health::router())
-        .nest("/api", runs::router(state.clone()))
+    let (router, doc) = documented_routes().split_for_parts();
+    router
+        .layer(axum::Extension(Arc::new(doc)))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` is cancelled.
+/// The health and metrics routes only: what a worker or scheduler process serves with `--listen`.
+pub fn ops_router(state: AppState) -> Router {
+    let (router, _) = OpenApiRouter::new()
+        .merge(health::router())
+        .merge(metrics::router())
+        .split_for_parts();
+    router.with_state(state)
+}
+
+/// The OpenAPI document of [`router`].
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented_routes().split_for_parts().1
+}
+
+fn documented_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .merge(health::router())
+        .merge(metrics::router())
+        .nest(
+            "/api",
+            runs::router()
+                .merge(events::router())
+                .merge(openapi::router()),
+        )
+}
+
+/// Serves `app` on `listener` until `shutdown` is cancelled.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}
+
+/// Serves the full API on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
-    Ok(())
+    serve_router(listener, router(state), shutdown).await
 }

@@ -2,6 +2,7 @@
 
 mod output;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -72,15 +73,26 @@ enum Command {
         concurrency: Option<usize>,
     },
     /// Run only a worker: claim and run steps until SIGTERM.
-    #[command(after_help = "Example:\n  crm-sync worker --concurrency 4")]
+    #[command(
+        after_help = "Examples:\n  crm-sync worker --concurrency 4\n  crm-sync worker --listen 0.0.0.0:9464   # /healthz, /readyz, /metrics"
+    )]
     Worker {
         /// Steps run at once (overrides [worker] concurrency).
         #[arg(long)]
         concurrency: Option<usize>,
+        /// Serve /healthz, /readyz and this process's /metrics on this address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
     },
     /// Run only the scheduler: turn cron ticks into runs until SIGTERM (any number of replicas).
-    #[command(after_help = "Example:\n  crm-sync --config crm-sync.toml scheduler")]
-    Scheduler,
+    #[command(
+        after_help = "Examples:\n  crm-sync --config crm-sync.toml scheduler\n  crm-sync scheduler --listen 0.0.0.0:9465"
+    )]
+    Scheduler {
+        /// Serve /healthz, /readyz and this process's /metrics on this address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
     /// List every pipeline's next fire times, in its own time zone and in UTC.
     #[command(after_help = "Examples:\n  crm-sync schedules\n  crm-sync schedules --count 5")]
     Schedules {
@@ -292,13 +304,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let roles = Roles {
                 api: !no_api,
+                ops_listen: None,
                 workers: !no_workers,
                 scheduler: !no_scheduler,
             };
             serve(config, roles, concurrency).await
         }
-        Command::Worker { concurrency } => serve(config, Roles::only_workers(), concurrency).await,
-        Command::Scheduler => serve(config, Roles::only_scheduler(), None).await,
+        Command::Worker {
+            concurrency,
+            listen,
+        } => serve(config, Roles::only_workers(listen), concurrency).await,
+        Command::Scheduler { listen } => serve(config, Roles::only_scheduler(listen), None).await,
         Command::Schedules { count } => {
             output::print_schedules(&config, count, chrono::Utc::now())?;
             Ok(ExitCode::SUCCESS)
@@ -507,23 +523,28 @@ fn parse_run_id(s: &str) -> anyhow::Result<Uuid> {
 /// Which parts of the service a process runs.
 #[derive(Debug, Clone, Copy)]
 struct Roles {
+    /// The full HTTP API on `[server] listen`.
     api: bool,
+    /// Without the API: health and metrics only, on this address.
+    ops_listen: Option<SocketAddr>,
     workers: bool,
     scheduler: bool,
 }
 
 impl Roles {
-    fn only_workers() -> Self {
+    fn only_workers(ops_listen: Option<SocketAddr>) -> Self {
         Self {
             api: false,
+            ops_listen,
             workers: true,
             scheduler: false,
         }
     }
 
-    fn only_scheduler() -> Self {
+    fn only_scheduler(ops_listen: Option<SocketAddr>) -> Self {
         Self {
             api: false,
+            ops_listen,
             workers: false,
             scheduler: true,
         }
@@ -538,6 +559,7 @@ async fn serve(
 ) -> anyhow::Result<ExitCode> {
     let Roles {
         api,
+        ops_listen,
         workers,
         scheduler,
     } = roles;
@@ -555,6 +577,7 @@ async fn serve(
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let mut roles = tokio::task::JoinSet::new();
+    let metrics = crate::metrics::Metrics::new();
     if api {
         let tokens = crate::api::Tokens::from_env()?;
         if tokens.is_empty() {
@@ -562,23 +585,30 @@ async fn serve(
                 "no API tokens (CRM_SYNC_ADMIN_TOKENS, CRM_SYNC_READ_TOKENS): /api answers 401 to everyone"
             );
         }
-        let listener = tokio::net::TcpListener::bind(config.server.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-        let state = crate::api::AppState {
-            pool: pool.clone(),
-            config: Arc::new(config.clone()),
-            tokens: Arc::new(tokens),
-        };
+        let listener = bind(config.server.listen).await?;
+        let state = crate::api::AppState::new(pool.clone(), Arc::new(config.clone()), tokens)
+            .with_metrics(metrics.clone());
         roles.spawn(crate::api::serve(listener, state, shutdown.clone()));
+    } else if let Some(addr) = ops_listen {
+        let listener = bind(addr).await?;
+        let mut state = crate::api::AppState::new(
+            pool.clone(),
+            Arc::new(config.clone()),
+            crate::api::Tokens::default(),
+        )
+        .with_metrics(metrics.clone());
+        state.cluster = None;
+        let app = crate::api::ops_router(state);
+        roles.spawn(crate::api::serve_router(listener, app, shutdown.clone()));
     }
     if scheduler {
-        let scheduler = Scheduler::new(pool.clone(), &config)?;
+        let scheduler = Scheduler::new(pool.clone(), &config)?.with_metrics(metrics.clone());
         roles.spawn(scheduler.run(shutdown.clone()));
     }
     if workers {
         let opts = WorkerOptions::from_config(&config.worker);
-        let worker = Worker::new(pool.clone(), Executor::new(Arc::new(config.clone())), opts);
+        let worker = Worker::new(pool.clone(), Executor::new(Arc::new(config.clone())), opts)
+            .with_metrics(metrics.clone());
         let token = shutdown.clone();
         roles.spawn(async move { worker.run(token).await.map(|_| ()) });
     }
@@ -592,6 +622,12 @@ async fn serve(
     }
     pool.close().await;
     result.map(|_| ExitCode::SUCCESS)
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
 }
 
 /// SIGTERM or Ctrl-C: stop claiming and shut down gracefully.

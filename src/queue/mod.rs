@@ -59,6 +59,8 @@ pub struct ClaimedStep {
     pub batch_id: String,
     pub params: Value,
     pub inputs: Value,
+    /// Who asked for the run (for `crm_sync_runs_total`).
+    pub trigger: String,
 }
 
 impl ClaimedStep {

@@ -9,7 +9,6 @@
 pub mod cron;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -19,6 +18,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::config::{Config, PipelineConfig};
+use crate::metrics::Metrics;
 use cron::{CatchUp, Schedule};
 
 /// Longest sleep between passes, so config-independent drift or a missed wake-up costs little.
@@ -73,17 +73,6 @@ pub fn parse_schedule(
     }))
 }
 
-/// Counters for the metrics endpoint: what the scheduler did since start.
-#[derive(Debug, Default)]
-pub struct SchedulerStats {
-    /// Ticks this replica turned into runs.
-    pub ticks_enqueued: AtomicU64,
-    /// Missed ticks left out by a catch-up policy.
-    pub ticks_skipped: AtomicU64,
-    /// Fire time to enqueue, of the last tick this replica enqueued, in milliseconds.
-    pub last_lag_ms: AtomicU64,
-}
-
 /// What one pass did.
 #[derive(Debug, Default, Clone)]
 pub struct TickReport {
@@ -99,7 +88,7 @@ pub struct TickReport {
 pub struct Scheduler {
     pool: PgPool,
     pipelines: Vec<ScheduledPipeline>,
-    pub stats: Arc<SchedulerStats>,
+    metrics: Arc<Metrics>,
 }
 
 impl Scheduler {
@@ -107,8 +96,14 @@ impl Scheduler {
         Ok(Self {
             pool,
             pipelines: scheduled_pipelines(config)?,
-            stats: Arc::new(SchedulerStats::default()),
+            metrics: Metrics::new(),
         })
+    }
+
+    /// Records into `metrics` (the process's, served on `/metrics`) instead of a private set.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// One pass at instant `now` (the database clock in production, any instant in tests): enqueues
@@ -155,7 +150,10 @@ impl Scheduler {
         let missed = p.schedule.occurrences_between(last_tick, now, 10_000);
         for tick in missed.iter().filter(|t| !due.contains(t)) {
             report.skipped.push((p.name.clone(), *tick));
-            self.stats.ticks_skipped.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .scheduler_ticks_total
+                .with_label_values(&["skipped"])
+                .inc();
             info!(pipeline = %p.name, tick = %tick, "missed tick skipped by the catch-up policy");
         }
         for tick in due {
@@ -167,10 +165,11 @@ impl Scheduler {
             match run {
                 Some(run) => {
                     let lag = (now - tick).to_std().unwrap_or_default();
-                    self.stats.ticks_enqueued.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .last_lag_ms
-                        .store(lag.as_millis() as u64, Ordering::Relaxed);
+                    self.metrics
+                        .scheduler_ticks_total
+                        .with_label_values(&["enqueued"])
+                        .inc();
+                    self.metrics.scheduler_lag_seconds.set(lag.as_secs_f64());
                     info!(pipeline = %p.name, tick = %tick, run_id = %run, lag_ms = lag.as_millis() as u64, "scheduled run enqueued");
                     report.enqueued.push((p.name.clone(), tick, run));
                 }

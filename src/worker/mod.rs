@@ -34,6 +34,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::config::WorkerConfig;
+use crate::metrics::{BusySlot, Metrics};
 use crate::pipeline::{Executor, StepContext, StepDone, StepError};
 use crate::queue::{self, CANCEL_CHANNEL, ClaimedStep, FailOutcome, Lease, STEPS_CHANNEL};
 
@@ -90,6 +91,7 @@ pub struct Worker {
     pool: PgPool,
     executor: Executor,
     opts: WorkerOptions,
+    metrics: Arc<Metrics>,
 }
 
 struct InFlight {
@@ -102,13 +104,20 @@ struct Finished {
     step: ClaimedStep,
     result: Result<StepDone, StepError>,
     elapsed: Duration,
+    _slot: Slot,
+}
+
+/// A worker slot held by a step: freed (and no longer counted busy) when dropped.
+struct Slot {
     _permit: OwnedSemaphorePermit,
+    _busy: BusySlot,
 }
 
 struct Shared {
     pool: PgPool,
     executor: Executor,
     opts: WorkerOptions,
+    metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
     /// Wakes the claim loop: new work announced, or a slot freed.
     wake: Notify,
@@ -123,7 +132,14 @@ impl Worker {
             pool,
             executor,
             opts,
+            metrics: Metrics::new(),
         }
+    }
+
+    /// Records into `metrics` (the process's, served on `/metrics`) instead of a private set.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn id(&self) -> &str {
@@ -137,12 +153,17 @@ impl Worker {
             pool: self.pool,
             executor: self.executor,
             opts: self.opts,
+            metrics: self.metrics,
             wake: Notify::new(),
             in_flight: Mutex::new(HashMap::new()),
             succeeded: AtomicU64::new(0),
             failed_attempts: AtomicU64::new(0),
         });
         register_worker(&shared).await?;
+        shared
+            .metrics
+            .worker_slots
+            .add(shared.opts.concurrency as i64);
         info!(worker = %shared.opts.id, concurrency = shared.opts.concurrency, "worker started");
 
         let background = CancellationToken::new();
@@ -163,6 +184,10 @@ impl Worker {
             .bind(&shared.opts.id)
             .execute(&shared.pool)
             .await;
+        shared
+            .metrics
+            .worker_slots
+            .sub(shared.opts.concurrency as i64);
         let stats = WorkerStats {
             succeeded: shared.succeeded.load(Ordering::Relaxed),
             failed_attempts: shared.failed_attempts.load(Ordering::Relaxed),
@@ -182,13 +207,14 @@ async fn register_worker(shared: &Shared) -> anyhow::Result<()> {
         .unwrap_or("host")
         .to_string();
     sqlx::query(
-        "INSERT INTO crm_sync.workers (id, hostname, pid, concurrency) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL",
+        "INSERT INTO crm_sync.workers (id, hostname, pid, concurrency, lease_ms) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL, lease_ms = $5",
     )
     .bind(&shared.opts.id)
     .bind(host)
     .bind(std::process::id() as i32)
     .bind(shared.opts.concurrency as i32)
+    .bind(shared.opts.lease.as_millis().max(1) as i64)
     .execute(&shared.pool)
     .await?;
     Ok(())
@@ -248,14 +274,11 @@ fn start_step(
     permit: OwnedSemaphorePermit,
     done_tx: mpsc::Sender<Finished>,
 ) {
-    let span = info_span!(
-        "step",
-        run_id = %step.run_id,
-        batch_id = %step.batch_id,
-        pipeline = %step.pipeline,
-        step = %step.step_name,
-        attempt = step.attempt,
-    );
+    let span = step_span(&step);
+    let slot = Slot {
+        _permit: permit,
+        _busy: shared.metrics.busy_slot(),
+    };
     let ctx = StepContext {
         pool: shared.pool.clone(),
         worker_id: shared.opts.id.clone(),
@@ -294,7 +317,7 @@ fn start_step(
                 step,
                 result,
                 elapsed: started.elapsed(),
-                _permit: permit,
+                _slot: slot,
             };
             // The flusher only goes away after every sender is dropped, so this cannot fail.
             let _ = done_tx.send(finished).await;
@@ -370,6 +393,7 @@ async fn record_successes(shared: &Shared, ok: &[Finished]) {
         let committed = matches!(f.result, Ok(StepDone::Committed(_)));
         if committed || accepted.contains(&f.step.step_id) {
             shared.succeeded.fetch_add(1, Ordering::Relaxed);
+            count_success(shared, f);
             info!(duration_ms = f.elapsed.as_millis() as u64, "step succeeded");
         } else {
             warn!(
@@ -402,6 +426,18 @@ async fn record_failure(shared: &Shared, f: &Finished) {
     })
     .await;
     let _span = step_span(&f.step).entered();
+    let (metrics, step) = (&shared.metrics, &f.step);
+    if outcome != FailOutcome::Discarded {
+        metrics.step_attempt(&step.pipeline, &step.step_name, f.elapsed);
+    }
+    match outcome {
+        FailOutcome::Retry => metrics
+            .step_retries_total
+            .with_label_values(&[&step.pipeline, &step.step_name])
+            .inc(),
+        FailOutcome::Failed => metrics.run_finished(&step.pipeline, &step.trigger, "failed"),
+        FailOutcome::Discarded => {}
+    }
     match outcome {
         FailOutcome::Retry => warn!(
             error = %error.message,
@@ -414,6 +450,37 @@ async fn record_failure(shared: &Shared, f: &Finished) {
         FailOutcome::Discarded => {
             warn!(error = %error.message, "step failed after its lease was lost; ignored")
         }
+    }
+}
+
+/// The metrics of a step whose success was recorded: its duration, its rows, and its run if it was
+/// the pipeline's last step.
+fn count_success(shared: &Shared, f: &Finished) {
+    let (metrics, step) = (&shared.metrics, &f.step);
+    metrics.step_attempt(&step.pipeline, &step.step_name, f.elapsed);
+    let rows = f
+        .result
+        .as_ref()
+        .ok()
+        .and_then(|done| done.output().get("rows"))
+        .and_then(Value::as_u64);
+    match (step.step_name.as_str(), rows) {
+        (crate::pipeline::TRANSFORM, Some(rows)) => metrics
+            .rows_extracted_total
+            .with_label_values(&[&step.pipeline])
+            .inc_by(rows),
+        (crate::pipeline::LOAD, Some(rows)) => metrics
+            .rows_loaded_total
+            .with_label_values(&[&step.pipeline])
+            .inc_by(rows),
+        _ => {}
+    }
+    let last_step = shared
+        .executor
+        .pipeline(&step.pipeline)
+        .is_some_and(|p| p.step_names().len() == step.step_position as usize);
+    if last_step {
+        metrics.run_finished(&step.pipeline, &step.trigger, "succeeded");
     }
 }
 

@@ -103,6 +103,15 @@ pub struct RunningWorker {
 
 impl RunningWorker {
     pub async fn start(db: &TestDb, config: &Config) -> RunningWorker {
+        Self::start_with_metrics(db, config, crm_sync::metrics::Metrics::new()).await
+    }
+
+    /// A worker that records into `metrics` (e.g. the ones an API under test serves).
+    pub async fn start_with_metrics(
+        db: &TestDb,
+        config: &Config,
+        metrics: Arc<crm_sync::metrics::Metrics>,
+    ) -> RunningWorker {
         let pool = PgPoolOptions::new()
             .max_connections(config.worker.max_connections)
             .connect(&db.url)
@@ -110,7 +119,8 @@ impl RunningWorker {
             .unwrap();
         let opts = WorkerOptions::from_config(&config.worker);
         let id = opts.id.clone();
-        let worker = Worker::new(pool, Executor::new(Arc::new(config.clone())), opts);
+        let worker =
+            Worker::new(pool, Executor::new(Arc::new(config.clone())), opts).with_metrics(metrics);
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(worker.run(shutdown.clone()));
         RunningWorker {

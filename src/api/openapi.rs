@@ -1,0 +1,71 @@
+//! The OpenAPI document: its frame (title, tags, the bearer scheme) and `GET /api/openapi.json`. The
+//! paths come from the handlers' `#[utoipa::path]` attributes as they are routed.
+
+use std::sync::Arc;
+
+use axum::{Extension, Json};
+use serde::Serialize;
+use utoipa::openapi::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+
+/// Every 4xx/5xx body: what was wrong, in words.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What was wrong with the request (or "internal error").
+    pub error: String,
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "crm-sync",
+        description = "Scheduled CRM-to-warehouse syncs on a durable PostgreSQL job queue: health, metrics, \
+                       pipelines and runs. Everything under /api except this document needs \
+                       `Authorization: Bearer TOKEN`; read tokens may read, admin tokens may also start, \
+                       retry, rerun and cancel runs."
+    ),
+    tags(
+        (name = "health", description = "Process, database and pipeline freshness; Prometheus metrics"),
+        (name = "runs", description = "Pipelines and their runs"),
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerScheme)
+)]
+struct Frame;
+
+struct BearerScheme;
+
+impl Modify for BearerScheme {
+    fn modify(&self, openapi: &mut OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The document before the routes add their paths.
+pub fn base() -> OpenApi {
+    <Frame as utoipa::OpenApi>::openapi()
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(openapi_json))
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "health",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", body = Object))
+)]
+async fn openapi_json(Extension(doc): Extension<Arc<OpenApi>>) -> Json<OpenApi> {
+    Json(OpenApi::clone(&doc))
+}
