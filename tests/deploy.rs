@@ -601,12 +601,15 @@ impl Serve {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The API address from the "HTTP API listening addr=..." log line.
+    /// The API address from serve's "HTTP listening addr=..." log line.
     async fn address(&mut self) -> String {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let log = self.log();
-            if let Some(line) = log.lines().find(|l| l.contains("HTTP API listening")) {
+            if let Some(line) = log
+                .lines()
+                .find(|l| l.contains("crm_sync::api") && l.contains("listening addr="))
+            {
                 let addr = line
                     .split_once("addr=")
                     .map(|(_, a)| a.split_whitespace().next().unwrap_or(""))
@@ -642,7 +645,8 @@ fn trigger(config: &Path, pipeline: &str) -> Uuid {
 }
 
 /// Scrapes until every run counter the test expects is visible (the worker counts a run just after
-/// its completion commits), or 30 s pass; returns the last body.
+/// its completion commits) and the scheduler has enqueued a tick, or 30 s pass; returns the last
+/// body.
 async fn scrape_when_counted(url: &str, expected: &[(&str, &str)]) -> String {
     let client = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -673,7 +677,9 @@ async fn scrape_when_counted(url: &str, expected: &[(&str, &str)]) -> String {
                     &[("pipeline", pipeline), ("status", status)],
                 )
                 .is_some()
-        });
+        }) && scrape
+            .value("crm_sync_scheduler_ticks_total", &[("outcome", "enqueued")])
+            .is_some_and(|v| v >= 1.0);
         if counted || tokio::time::Instant::now() >= deadline {
             return body;
         }
