@@ -67,11 +67,22 @@ fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::process
 }
 
 #[tokio::test]
-async fn a_run_enqueued_from_psql_is_processed_by_a_running_worker() {
+async fn a_run_enqueued_from_psql_is_processed_by_a_worker_with_json_logs_and_metrics() {
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &db, PIPELINES);
-    let mut worker = spawn_binary(&config, &["worker"], &dir.path().join("worker.log"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let log = dir.path().join("worker.log");
+    let mut worker = spawn_binary(
+        &config,
+        &["--log-format", "json", "worker", "--listen", &listen],
+        &log,
+    );
     wait_for_worker(&db, 1).await;
 
     let out = Command::new("psql")
@@ -95,8 +106,47 @@ async fn a_run_enqueued_from_psql_is_processed_by_a_running_worker() {
         .unwrap();
     assert_eq!(trigger, "sql");
 
+    // The worker's own health and metrics port: its process metrics, not the cluster gauges.
+    let base = format!("http://{listen}");
+    let health = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(health.status(), reqwest::StatusCode::OK);
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .contains(r#"crm_sync_runs_total{pipeline="noop",status="succeeded",trigger="sql"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("crm_sync_worker_slots 4"), "{metrics}");
+    assert!(!metrics.contains("crm_sync_queue_depth"), "{metrics}");
+    let api = reqwest::get(format!("{base}/api/runs")).await.unwrap();
+    assert_eq!(api.status(), reqwest::StatusCode::NOT_FOUND);
+
     kill(Pid::from_raw(worker.id() as i32), Signal::SIGTERM).unwrap();
     assert!(wait_exit(&mut worker, Duration::from_secs(15)).success());
+
+    // JSON logs: one object per line, the step's lines carrying the run's fields.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let done = lines
+        .iter()
+        .find(|l| l["message"] == "step succeeded")
+        .expect("a step succeeded line");
+    let span = &done["span"];
+    assert_eq!(span["run_id"], run.to_string(), "{done}");
+    assert_eq!(span["pipeline"], "noop", "{done}");
+    assert_eq!(span["step"], "noop", "{done}");
+    assert!(
+        span["batch_id"].as_str().unwrap().starts_with("noop_"),
+        "{done}"
+    );
 }
 
 #[tokio::test]

@@ -157,6 +157,10 @@ impl Metrics {
             ),
             registry,
         };
+        // Zero series exist from the start, so rates and alerts see them before the first tick.
+        for outcome in ["enqueued", "skipped"] {
+            metrics.scheduler_ticks_total.with_label_values(&[outcome]);
+        }
         Arc::new(metrics)
     }
 
