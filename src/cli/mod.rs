@@ -65,7 +65,7 @@ enum Command {
         /// Do not run the scheduler in this process.
         #[arg(long)]
         no_scheduler: bool,
-        /// Do not serve the HTTP API in this process.
+        /// Do not serve /api (health and this process's /metrics stay on [server] listen).
         #[arg(long)]
         no_api: bool,
         /// Steps run at once (overrides [worker] concurrency).
@@ -304,7 +304,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let roles = Roles {
                 api: !no_api,
-                ops_listen: None,
+                ops_listen: no_api.then_some(config.server.listen),
                 workers: !no_workers,
                 scheduler: !no_scheduler,
             };
