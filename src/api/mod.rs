@@ -6,6 +6,7 @@
 //! generated from the handlers themselves and cannot miss one.
 
 mod auth;
+mod console;
 mod error;
 mod events;
 mod health;
@@ -59,10 +60,11 @@ impl AppState {
     }
 }
 
-/// The whole HTTP surface of `serve`.
+/// The whole HTTP surface of `serve`: the API, health, metrics and the console.
 pub fn router(state: AppState) -> Router {
     let (router, doc) = documented_routes().split_for_parts();
     router
+        .merge(console::router())
         .layer(axum::Extension(Arc::new(doc)))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(state)

@@ -272,4 +272,5 @@ pub fn run_binary(config: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+pub mod browser;
 pub mod emulators;

@@ -1,0 +1,437 @@
+// crm-sync console: pipelines, runs and one run, live over the API's server-sent events.
+// Plain JavaScript, no build step and no external fetches; the token stays in this tab's
+// sessionStorage and is sent as a bearer token on every call.
+"use strict";
+
+const TOKEN_KEY = "crm-sync-token";
+const FINAL = new Set(["succeeded", "failed", "cancelled"]);
+const session = { token: sessionStorage.getItem(TOKEN_KEY), scope: null };
+let pageAbort = null; // aborts the current page's streams and timers when navigating away
+
+// ---------------------------------------------------------------------------------------------
+// DOM helpers: every text goes through textContent, never innerHTML.
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+const badge = (status) => h("span", { class: `badge ${status || ""}`, "data-status": status || "" }, status || "never");
+// One wrapper per cell, so that a phone-width card row is "label | content".
+const cell = (label, ...children) => h("td", { "data-label": label }, h("div", {}, ...children));
+const link = (href, ...children) => h("a", { href, "data-link": true }, ...children);
+const shortId = (id) => id.slice(0, 8);
+
+function fmtTime(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  return d.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "medium" });
+}
+function fmtDuration(seconds) {
+  if (seconds === null || seconds === undefined || Number.isNaN(seconds)) return "";
+  if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
+  if (seconds < 60) return `${seconds.toFixed(1)} s`;
+  const m = Math.floor(seconds / 60), s = Math.round(seconds % 60);
+  if (m < 60) return `${m} min ${s} s`;
+  return `${Math.floor(m / 60)} h ${m % 60} min`;
+}
+function between(start, end) {
+  if (!start) return null;
+  const to = end ? new Date(end) : new Date();
+  return (to - new Date(start)) / 1000;
+}
+function ago(seconds) {
+  if (seconds === null || seconds === undefined) return "never";
+  return `${fmtDuration(seconds)} ago`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// API calls.
+class ApiError extends Error {}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({ Authorization: `Bearer ${session.token}` }, options.headers || {});
+  const resp = await fetch(path, Object.assign({}, options, { headers }));
+  if (resp.status === 401) {
+    signOut("Your token was not accepted. Sign in again.");
+    throw new ApiError("unauthorized");
+  }
+  const body = await resp.json().catch(() => ({}));
+  if (!resp.ok) throw new ApiError(body.error || `${resp.status} ${resp.statusText}`);
+  return body;
+}
+
+function post(path) {
+  return api(path, { method: "POST", headers: { "X-Crm-Sync-Client": "console" } });
+}
+
+// Reads a server-sent event stream with fetch (EventSource cannot send a bearer token).
+// Calls onEvent(kind, data) per event; resolves when the server ends the stream.
+async function followEvents(path, signal, onEvent) {
+  const resp = await fetch(path, { headers: { Authorization: `Bearer ${session.token}` }, signal });
+  if (resp.status === 401) { signOut("Your token was not accepted. Sign in again."); return; }
+  if (!resp.ok) throw new ApiError(`${resp.status} ${resp.statusText}`);
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let kind = "message", data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) kind = line.slice(6).trim();
+        else if (line.startsWith("data:")) data += line.slice(5).trim();
+      }
+      if (data) onEvent(kind, JSON.parse(data));
+    }
+  }
+}
+
+// Keeps a stream open for the life of the page, reconnecting after errors.
+function keepFollowing(path, signal, onEvent, liveEl) {
+  (async () => {
+    while (!signal.aborted) {
+      try {
+        if (liveEl) liveEl.className = "live";
+        await followEvents(path, signal, onEvent);
+        if (liveEl) liveEl.className = "live off";
+        return;
+      } catch (e) {
+        if (signal.aborted) return;
+        if (liveEl) liveEl.className = "live off";
+        await new Promise((r) => setTimeout(r, 2000));
+      }
+    }
+  })();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sign-in.
+function signOut(message) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  session.token = null;
+  session.scope = null;
+  navigate("/signin", message);
+}
+
+function renderSignIn(main, message) {
+  document.getElementById("nav").hidden = true;
+  const input = h("input", { type: "password", name: "token", id: "token", autocomplete: "current-password", required: true });
+  const error = h("p", { class: "error", id: "signin-error" }, message || "");
+  const form = h("form", {
+    onsubmit: async (ev) => {
+      ev.preventDefault();
+      session.token = input.value.trim();
+      try {
+        const me = await api("/api/whoami");
+        session.scope = me.scope;
+        sessionStorage.setItem(TOKEN_KEY, session.token);
+        navigate("/");
+      } catch (e) {
+        if (!(e instanceof ApiError) || e.message !== "unauthorized") error.textContent = e.message;
+      }
+    },
+  },
+  h("label", { for: "token" }, "API token", input),
+  h("button", { type: "submit", id: "signin" }, "Sign in"),
+  h("p", { class: "muted small" }, "A read token shows everything; an admin token can also start, retry, rerun and cancel runs."));
+  main.replaceChildren(h("div", { class: "card signin" }, h("h1", {}, "Sign in to crm-sync"), error, form));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipelines page.
+async function renderPipelines(main, signal) {
+  const live = h("span", { class: "live" }, "live");
+  const body = h("tbody", { id: "pipelines" });
+  const notice = h("div");
+  main.replaceChildren(
+    h("h1", {}, "Pipelines ", live),
+    notice,
+    h("table", {}, h("thead", {}, h("tr", {},
+      ["Pipeline", "Schedule", "Next run", "Last run", "Freshness", ""].map((t) => h("th", {}, t)))), body));
+
+  const load = async () => {
+    const { pipelines } = await api("/api/pipelines");
+    body.replaceChildren(...pipelines.map((p) => pipelineRow(p, notice)));
+  };
+  await load();
+  let pending = null;
+  keepFollowing("/api/events", signal, () => {
+    // Runs change in bursts: reload once per burst.
+    if (!pending) pending = setTimeout(() => { pending = null; load().catch(() => {}); }, 300);
+  }, live);
+  const timer = setInterval(() => load().catch(() => {}), 30000); // ages and next fire times move on
+  signal.addEventListener("abort", () => clearInterval(timer));
+}
+
+function pipelineRow(p, notice) {
+  const schedule = p.schedule
+    ? [h("code", {}, p.schedule), h("div", { class: "muted small" }, p.timezone)]
+    : [h("span", { class: "muted" }, "manual")];
+  const next = p.next_fire_utc
+    ? [h("div", {}, p.next_fire_local.replace("T", " ")), h("div", { class: "muted small" }, new Date(p.next_fire_utc).toISOString().replace("T", " ").replace(".000Z", " UTC"))]
+    : [h("span", { class: "muted" }, p.enabled ? "" : "disabled")];
+  const last = p.last_run_id
+    ? [link(`/runs/${p.last_run_id}`, badge(p.last_status)), h("div", { class: "muted small" }, `${p.queued_runs} queued, ${p.running_runs} running`)]
+    : [badge(null)];
+  const freshness = [
+    h("div", {}, `last success ${ago(p.seconds_since_success)}`),
+    p.freshness_sla_s
+      ? h("div", {}, p.stale ? badge("stale") : h("span", { class: "badge ok" }, "fresh"), h("span", { class: "muted small" }, ` SLA ${fmtDuration(p.freshness_sla_s)}`))
+      : h("div", { class: "muted small" }, "no SLA"),
+  ];
+  const action = session.scope === "admin" && p.enabled
+    ? h("button", {
+        class: "run-now", "data-pipeline": p.name,
+        onclick: async (ev) => {
+          ev.target.disabled = true;
+          try {
+            const { id } = await post(`/api/pipelines/${encodeURIComponent(p.name)}/runs`);
+            navigate(`/runs/${id}`);
+          } catch (e) {
+            notice.replaceChildren(h("div", { class: "notice" }, e.message));
+            ev.target.disabled = false;
+          }
+        },
+      }, "Run now")
+    : "";
+  return h("tr", { "data-pipeline": p.name },
+    cell("Pipeline", h("strong", {}, p.name), h("div", { class: "muted small" }, p.steps.join(" → "))),
+    cell("Schedule", ...schedule),
+    cell("Next run", ...next),
+    cell("Last run", ...last),
+    cell("Freshness", ...freshness),
+    cell("", action));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs page.
+const PAGE = 25;
+
+async function renderRuns(main, signal, query) {
+  const params = new URLSearchParams(query);
+  const live = h("span", { class: "live" }, "live");
+  const { pipelines } = await api("/api/pipelines");
+  const pipelineSelect = h("select", { id: "filter-pipeline" },
+    h("option", { value: "" }, "all"),
+    pipelines.map((p) => h("option", { value: p.name, selected: params.get("pipeline") === p.name }, p.name)));
+  const statusSelect = h("select", { id: "filter-status" },
+    h("option", { value: "" }, "all"),
+    ["queued", "running", "succeeded", "failed", "cancelled"].map((s) => h("option", { value: s, selected: params.get("status") === s }, s)));
+  const apply = () => {
+    const q = new URLSearchParams();
+    if (pipelineSelect.value) q.set("pipeline", pipelineSelect.value);
+    if (statusSelect.value) q.set("status", statusSelect.value);
+    navigate(`/runs${q.toString() ? "?" + q : ""}`);
+  };
+  pipelineSelect.addEventListener("change", apply);
+  statusSelect.addEventListener("change", apply);
+
+  const body = h("tbody", { id: "runs" });
+  const pager = h("div", { class: "pager" });
+  main.replaceChildren(
+    h("h1", {}, "Runs ", live),
+    h("div", { class: "filters" }, h("label", {}, "Pipeline", pipelineSelect), h("label", {}, "Status", statusSelect)),
+    h("table", {}, h("thead", {}, h("tr", {},
+      ["Run", "Pipeline", "Status", "Batch", "Trigger", "Created", "Duration", "Rows loaded"].map((t) => h("th", {}, t)))), body),
+    pager);
+
+  const listQuery = new URLSearchParams(params);
+  listQuery.set("limit", String(PAGE));
+  const { runs } = await api(`/api/runs?${listQuery}`);
+  body.replaceChildren(...runs.map(runRow));
+  if (!runs.length) body.append(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No runs.")));
+  const firstPage = !params.get("before");
+  if (!firstPage) pager.append(h("button", { class: "secondary", onclick: () => { params.delete("before"); navigate(`/runs?${params}`); } }, "← Newest"));
+  if (runs.length === PAGE) {
+    const older = new URLSearchParams(params);
+    older.set("before", runs[runs.length - 1].created_at);
+    pager.append(h("button", { class: "secondary", id: "older", onclick: () => navigate(`/runs?${older}`) }, "Older →"));
+  }
+
+  keepFollowing("/api/events", signal, (kind, run) => {
+    if (kind !== "run") return;
+    const existing = body.querySelector(`tr[data-run="${run.id}"]`);
+    const matches = (!params.get("pipeline") || params.get("pipeline") === run.pipeline)
+      && (!params.get("status") || params.get("status") === run.status);
+    if (existing) {
+      if (matches) existing.replaceWith(runRow(run)); else existing.remove();
+    } else if (matches && firstPage) {
+      body.querySelector("td[colspan]")?.parentElement.remove();
+      body.prepend(runRow(run));
+    }
+  }, live);
+}
+
+function runRow(r) {
+  return h("tr", { "data-run": r.id },
+    cell("Run", link(`/runs/${r.id}`, h("code", {}, shortId(r.id)))),
+    cell("Pipeline", r.pipeline),
+    cell("Status", badge(r.status)),
+    cell("Batch", h("code", {}, r.batch_id)),
+    cell("Trigger", r.trigger),
+    cell("Created", fmtTime(r.created_at)),
+    cell("Duration", fmtDuration(between(r.started_at, r.finished_at))),
+    cell("Rows loaded", r.rows_loaded ?? ""));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Run page.
+async function renderRun(main, signal, id) {
+  const live = h("span", { class: "live" }, "live");
+  const header = h("div", { class: "card", id: "run-header" });
+  const actions = h("div", { class: "actions", id: "run-actions" });
+  const notice = h("div");
+  const steps = h("tbody", { id: "steps" });
+  main.replaceChildren(
+    h("h1", {}, "Run ", h("code", {}, shortId(id)), " ", live),
+    notice, header, actions,
+    h("h2", {}, "Steps"),
+    h("table", {}, h("thead", {}, h("tr", {},
+      ["Step", "State", "Attempts", "Duration", "Rows", "Output", "Error"].map((t) => h("th", {}, t)))), steps));
+
+  let run = null;
+  const drawRun = () => {
+    header.replaceChildren(h("dl", { class: "facts" },
+      h("dt", {}, "Pipeline"), h("dd", {}, link(`/runs?pipeline=${encodeURIComponent(run.pipeline)}`, run.pipeline)),
+      h("dt", {}, "Status"), h("dd", { id: "run-status" }, badge(run.status)),
+      h("dt", {}, "Batch"), h("dd", {}, h("code", {}, run.batch_id)),
+      h("dt", {}, "Trigger"), h("dd", {}, run.trigger),
+      run.retry_of ? [h("dt", {}, "Retry of"), h("dd", {}, link(`/runs/${run.retry_of}`, h("code", {}, shortId(run.retry_of))))] : [],
+      run.rerun_of ? [h("dt", {}, "Rerun of"), h("dd", {}, link(`/runs/${run.rerun_of}`, h("code", {}, shortId(run.rerun_of))))] : [],
+      h("dt", {}, "Created"), h("dd", {}, fmtTime(run.created_at)),
+      h("dt", {}, "Started"), h("dd", {}, fmtTime(run.started_at)),
+      h("dt", {}, "Finished"), h("dd", {}, fmtTime(run.finished_at)),
+      h("dt", {}, "Duration"), h("dd", {}, fmtDuration(between(run.started_at, run.finished_at))),
+      Object.keys(run.params || {}).length ? [h("dt", {}, "Params"), h("dd", {}, h("code", {}, JSON.stringify(run.params)))] : [],
+      run.error ? [h("dt", {}, "Error"), h("dd", { class: "error", id: "run-error" }, run.error)] : []));
+    actions.replaceChildren();
+    if (session.scope !== "admin") return;
+    const act = (label, cls, path) => h("button", {
+      class: cls, id: `action-${label.toLowerCase()}`,
+      onclick: async (ev) => {
+        ev.target.disabled = true;
+        try {
+          const res = await post(`/api/runs/${id}/${path}`);
+          if (res.id && res.id !== id) navigate(`/runs/${res.id}`);
+        } catch (e) {
+          notice.replaceChildren(h("div", { class: "notice" }, e.message));
+          ev.target.disabled = false;
+        }
+      },
+    }, label);
+    if (run.status === "failed" || run.status === "cancelled") actions.append(act("Retry", "", "retry"));
+    if (FINAL.has(run.status)) actions.append(act("Rerun", "secondary", "rerun"));
+    if (!FINAL.has(run.status)) actions.append(act("Cancel", "danger", "cancel"));
+  };
+  const drawStep = (s) => {
+    const row = stepRow(s);
+    const existing = steps.querySelector(`tr[data-step="${s.name}"]`);
+    if (existing) existing.replaceWith(row); else steps.append(row);
+  };
+
+  keepFollowing(`/api/runs/${id}/events`, signal, (kind, data) => {
+    if (kind === "snapshot") {
+      run = data;
+      steps.replaceChildren();
+      data.steps.forEach(drawStep);
+      drawRun();
+    } else if (kind === "step") {
+      drawStep(data);
+    } else if (kind === "run" && run) {
+      Object.assign(run, data);
+      drawRun();
+    }
+  }, live);
+}
+
+function objectLink(uri) {
+  if (typeof uri !== "string") return null;
+  if (uri.startsWith("gs://")) {
+    const path = uri.slice(5);
+    return h("a", { href: `https://console.cloud.google.com/storage/browser/_details/${path}`, target: "_blank", rel: "noopener" }, uri);
+  }
+  return h("code", {}, uri);
+}
+
+function stepRow(s) {
+  const out = s.output || {};
+  const outputs = [];
+  if (out.object) outputs.push(h("div", { class: "object" }, objectLink(out.object)));
+  if (out.table) outputs.push(h("div", {}, "table ", h("code", {}, out.table)));
+  if (out.reused_from_run || s.reused_from_run) outputs.push(h("div", { class: "muted small" }, "reused from ", link(`/runs/${s.reused_from_run}`, shortId(s.reused_from_run))));
+  const attempts = (s.attempt_log || []).map((a) =>
+    h("li", {}, `#${a.attempt} ${a.outcome} on ${a.worker_id}, ${fmtDuration(between(a.started_at, a.finished_at))}`,
+      a.error ? h("div", { class: "error" }, a.error) : null));
+  return h("tr", { "data-step": s.name },
+    cell("Step", h("strong", {}, s.name)),
+    cell("State", badge(s.status)),
+    cell("Attempts", `${s.attempts} / ${s.max_attempts}`, attempts.length ? h("ul", { class: "attempts" }, attempts) : null),
+    cell("Duration", fmtDuration(between(s.started_at, s.finished_at))),
+    cell("Rows", out.rows ?? ""),
+    cell("Output", ...outputs),
+    cell("Error", s.error ? h("span", { class: "error" }, s.error) : ""));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing.
+function navigate(path, message) {
+  if (location.pathname + location.search !== path) history.pushState({}, "", path);
+  route(message);
+}
+
+async function route(message) {
+  if (pageAbort) pageAbort.abort();
+  pageAbort = new AbortController();
+  const signal = pageAbort.signal;
+  const main = document.getElementById("main");
+  const path = location.pathname;
+  if (!session.token || path === "/signin") {
+    renderSignIn(main, message);
+    return;
+  }
+  try {
+    if (!session.scope) session.scope = (await api("/api/whoami")).scope;
+  } catch (e) {
+    return;
+  }
+  const nav = document.getElementById("nav");
+  nav.hidden = false;
+  document.getElementById("scope").textContent = session.scope === "admin" ? "admin" : "read only";
+  for (const a of nav.querySelectorAll("a")) {
+    a.classList.toggle("active", (a.dataset.nav === "runs") === path.startsWith("/runs"));
+  }
+  try {
+    const runMatch = path.match(/^\/runs\/([0-9a-f-]{36})$/);
+    if (runMatch) await renderRun(main, signal, runMatch[1]);
+    else if (path === "/runs") await renderRuns(main, signal, location.search);
+    else await renderPipelines(main, signal);
+  } catch (e) {
+    if (!(e instanceof ApiError && e.message === "unauthorized")) {
+      main.replaceChildren(h("div", { class: "notice" }, e.message));
+    }
+  }
+}
+
+document.addEventListener("click", (ev) => {
+  const a = ev.target.closest("a[data-link]");
+  if (!a || ev.metaKey || ev.ctrlKey || ev.shiftKey || a.target === "_blank") return;
+  ev.preventDefault();
+  navigate(a.getAttribute("href"));
+});
+window.addEventListener("popstate", () => route());
+document.getElementById("signout").addEventListener("click", () => signOut(""));
+route();

@@ -1,0 +1,378 @@
+//! The web console end to end, in headless Chromium against a real `serve` API and workers: sign in,
+//! Run now and watch the run go queued -> running -> succeeded without a reload, a failed run's
+//! error and Retry turning it green, a read-only token seeing no buttons, a phone-width layout.
+//! Screenshots of each page are saved under target/tmp/console-screenshots/.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chromiumoxide::Page;
+use common::browser::{Chromium, click, js, phone_width, screenshot, type_into, wait_for};
+use common::{RunningWorker, TestDb};
+use crm_sync::api::{self, AppState, Tokens};
+use tokio_util::sync::CancellationToken;
+
+const ADMIN: &str = "console-admin-token-0001";
+const READER: &str = "console-read-token-0001";
+
+const CONFIG: &str = r#"
+[worker]
+poll_interval = "100ms"
+
+[[pipelines]]
+name = "noop"
+schedule = "0 2 * * *"
+timezone = "Asia/Singapore"
+freshness_sla = "1h"
+source = { kind = "noop", sleep_ms = 1500 }
+
+[[pipelines]]
+name = "broken"
+retry_backoff = "10ms"
+source = { kind = "noop", fail_times = 1, fail_kind = "terminal" }
+"#;
+
+struct Console {
+    base: String,
+    stop: CancellationToken,
+}
+
+impl Console {
+    async fn start(db: &TestDb, config: &crm_sync::config::Config) -> Console {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let state = AppState::new(
+            db.pool.clone(),
+            Arc::new(config.clone()),
+            Tokens::new(vec![ADMIN.into()], vec![READER.into()]),
+        );
+        let stop = CancellationToken::new();
+        tokio::spawn(api::serve(listener, state, stop.clone()));
+        Console { base, stop }
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn sign_in(page: &Page, token: &str) {
+    wait_for(
+        page,
+        "document.querySelector('#token')",
+        Duration::from_secs(10),
+        "the sign-in form",
+    )
+    .await;
+    type_into(page, "#token", token).await;
+    click(page, "#signin").await;
+    wait_for(
+        page,
+        "document.querySelector('tr[data-pipeline=\"noop\"]')",
+        Duration::from_secs(10),
+        "the pipelines page",
+    )
+    .await;
+}
+
+/// The run page's status badge.
+const RUN_STATUS: &str = "document.querySelector('#run-status .badge')?.dataset.status";
+
+/// Watches the run page's status until it is `last`, recording every distinct status shown.
+async fn watch_statuses(page: &Page, last: &str, timeout: Duration) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let status: Option<String> = js(page, RUN_STATUS).await;
+        if let Some(s) = status
+            && seen.last() != Some(&s)
+        {
+            seen.push(s.clone());
+        }
+        if seen.last().map(String::as_str) == Some(last) {
+            return seen;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run page never showed {last}; saw {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+#[tokio::test]
+async fn admin_runs_a_pipeline_and_watches_it_live_then_retries_a_failure() {
+    let db = TestDb::new().await;
+    let config = db.config(CONFIG).await;
+    let console = Console::start(&db, &config).await;
+    let chromium = Chromium::launch().await;
+    let page = chromium.open(&console.base).await;
+
+    // Unauthenticated: the sign-in form; a wrong token is refused with a message.
+    wait_for(
+        &page,
+        "document.querySelector('#token')",
+        Duration::from_secs(10),
+        "sign-in",
+    )
+    .await;
+    screenshot(&page, "01-sign-in").await;
+    type_into(&page, "#token", "not-a-valid-token-000000").await;
+    click(&page, "#signin").await;
+    wait_for(
+        &page,
+        "document.querySelector('#signin-error').textContent.includes('not accepted')",
+        Duration::from_secs(10),
+        "the refusal",
+    )
+    .await;
+    page.evaluate("document.querySelector('#token').value = ''")
+        .await
+        .unwrap();
+    sign_in(&page, ADMIN).await;
+
+    // Pipelines page: schedule with local and UTC next fire, freshness, Run now.
+    let row: String = js(
+        &page,
+        "document.querySelector('tr[data-pipeline=\"noop\"]').innerText",
+    )
+    .await;
+    assert!(
+        row.contains("0 2 * * *") && row.contains("Asia/Singapore"),
+        "{row}"
+    );
+    assert!(
+        row.contains("02:00:00+08:00") && row.contains("18:00:00 UTC"),
+        "{row}"
+    );
+    assert!(row.contains("stale") && row.contains("never"), "{row}");
+    screenshot(&page, "02-pipelines").await;
+
+    // A marker that a reload would wipe: everything below happens live.
+    page.evaluate("window.__noReload = 'still here'")
+        .await
+        .unwrap();
+    click(&page, "button.run-now[data-pipeline=\"noop\"]").await;
+    wait_for(&page, RUN_STATUS, Duration::from_secs(10), "the run page").await;
+    let first: String = js(&page, RUN_STATUS).await;
+    assert_eq!(first, "queued", "no worker yet: the run waits");
+    screenshot(&page, "03-run-queued").await;
+    let worker = RunningWorker::start(&db, &config).await;
+    let seen = watch_statuses(&page, "succeeded", Duration::from_secs(20)).await;
+    assert_eq!(
+        seen,
+        ["queued", "running", "succeeded"],
+        "statuses shown live"
+    );
+    let marker: String = js(&page, "window.__noReload").await;
+    assert_eq!(marker, "still here", "the page was reloaded");
+    let trigger: String = sqlx::query_scalar(
+        "SELECT trigger FROM crm_sync.runs WHERE pipeline = 'noop' ORDER BY created_at DESC LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(trigger, "console");
+    wait_for(
+        &page,
+        "document.querySelector('tr[data-step=\"noop\"] .badge').dataset.status === 'succeeded'",
+        Duration::from_secs(5),
+        "the step row",
+    )
+    .await;
+    screenshot(&page, "04-run-succeeded").await;
+
+    // A failing run shows its error; Retry turns it green.
+    click(&page, "a[data-nav=\"pipelines\"]").await;
+    wait_for(
+        &page,
+        "document.querySelector('button.run-now[data-pipeline=\"broken\"]')",
+        Duration::from_secs(10),
+        "pipelines",
+    )
+    .await;
+    click(&page, "button.run-now[data-pipeline=\"broken\"]").await;
+    watch_statuses(&page, "failed", Duration::from_secs(20)).await;
+    wait_for(
+        &page,
+        "document.querySelector('#run-error')",
+        Duration::from_secs(5),
+        "the run error",
+    )
+    .await;
+    let error: String = js(&page, "document.querySelector('#run-error').textContent").await;
+    assert!(error.contains("fail"), "{error}");
+    let step_error: String = js(
+        &page,
+        "document.querySelector('tr[data-step=\"noop\"]').innerText",
+    )
+    .await;
+    assert!(step_error.contains("failed"), "{step_error}");
+    screenshot(&page, "05-run-failed").await;
+    click(&page, "#action-retry").await;
+    wait_for(
+        &page,
+        "document.querySelector('#run-header')?.innerText.includes('Retry of')",
+        Duration::from_secs(10),
+        "the retry run's page",
+    )
+    .await;
+    let seen = watch_statuses(&page, "succeeded", Duration::from_secs(20)).await;
+    assert_eq!(seen.last().map(String::as_str), Some("succeeded"));
+    screenshot(&page, "06-retry-succeeded").await;
+
+    // Runs page: newest first, with batch, trigger, duration; filter by status.
+    click(&page, "a[data-nav=\"runs\"]").await;
+    wait_for(
+        &page,
+        "document.querySelectorAll('#runs tr[data-run]').length === 3",
+        Duration::from_secs(10),
+        "three runs",
+    )
+    .await;
+    let text: String = js(&page, "document.querySelector('#runs').innerText").await;
+    assert!(text.contains("retry") && text.contains("console"), "{text}");
+    screenshot(&page, "07-runs").await;
+    page.evaluate("(() => { const s = document.querySelector('#filter-status'); s.value = 'failed'; s.dispatchEvent(new Event('change')); })()")
+        .await
+        .unwrap();
+    wait_for(
+        &page,
+        "document.querySelectorAll('#runs tr[data-run]').length === 1",
+        Duration::from_secs(10),
+        "the failed filter",
+    )
+    .await;
+    assert!(
+        js::<String>(&page, "location.search")
+            .await
+            .contains("status=failed")
+    );
+
+    // Phone width: rows become labelled cards, nothing wider than the screen.
+    phone_width(&page, true).await;
+    click(&page, "a[data-nav=\"pipelines\"]").await;
+    wait_for(
+        &page,
+        "document.querySelector('tr[data-pipeline=\"noop\"]')",
+        Duration::from_secs(10),
+        "pipelines",
+    )
+    .await;
+    let overflow: bool = js(
+        &page,
+        "document.documentElement.scrollWidth > window.innerWidth + 1",
+    )
+    .await;
+    assert!(!overflow, "the pipelines page is wider than a phone");
+    screenshot(&page, "08-pipelines-phone").await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_read_only_token_sees_everything_but_no_buttons() {
+    let db = TestDb::new().await;
+    let config = db.config(CONFIG).await;
+    let console = Console::start(&db, &config).await;
+    let run = crm_sync::queue::enqueue(
+        &db.pool,
+        "broken",
+        &serde_json::json!({}),
+        None,
+        crm_sync::queue::Trigger::Api,
+    )
+    .await
+    .unwrap();
+    let worker = RunningWorker::start(&db, &config).await;
+    common::wait_for_run(&db.pool, run, Duration::from_secs(15)).await;
+    worker.stop().await;
+
+    let chromium = Chromium::launch().await;
+    let page = chromium.open(&console.base).await;
+    sign_in(&page, READER).await;
+    let scope: String = js(&page, "document.querySelector('#scope').textContent").await;
+    assert_eq!(scope, "read only");
+    let buttons: i64 = js(&page, "document.querySelectorAll('main button').length").await;
+    assert_eq!(buttons, 0, "no Run now for a read-only token");
+    screenshot(&page, "09-pipelines-read-only").await;
+
+    page.goto(format!("{}/runs/{run}", console.base))
+        .await
+        .unwrap();
+    wait_for(&page, RUN_STATUS, Duration::from_secs(10), "the run page").await;
+    assert_eq!(js::<String>(&page, RUN_STATUS).await, "failed");
+    let buttons: i64 = js(&page, "document.querySelectorAll('main button').length").await;
+    assert_eq!(
+        buttons, 0,
+        "no Retry / Rerun / Cancel for a read-only token"
+    );
+    let error: String = js(&page, "document.querySelector('#run-error').textContent").await;
+    assert!(!error.is_empty());
+    screenshot(&page, "10-run-read-only").await;
+
+    // Signing out forgets the token.
+    click(&page, "#signout").await;
+    wait_for(
+        &page,
+        "document.querySelector('#token')",
+        Duration::from_secs(5),
+        "sign-in",
+    )
+    .await;
+    let stored: Option<String> = js(&page, "sessionStorage.getItem('crm-sync-token')").await;
+    assert_eq!(stored, None);
+}
+
+#[tokio::test]
+async fn the_console_is_one_self_contained_page() {
+    let db = TestDb::new().await;
+    let config = db.config(CONFIG).await;
+    let console = Console::start(&db, &config).await;
+    let client = reqwest::Client::new();
+    for path in [
+        "/",
+        "/runs",
+        "/runs/00000000-0000-0000-0000-000000000000",
+        "/signin",
+    ] {
+        let resp = client
+            .get(format!("{}{path}", console.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::OK, "{path}");
+        let csp = resp.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(csp.contains("default-src 'self'"), "{csp}");
+        let html = resp.text().await.unwrap();
+        assert!(html.contains("/assets/console.js"));
+    }
+    // No external fetches: nothing in the page, script or style points off the origin.
+    for path in ["/", "/assets/console.js", "/assets/console.css"] {
+        let body = client
+            .get(format!("{}{path}", console.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for needle in ["http://", "https://", "//fonts.", "@import"] {
+            let hits: Vec<&str> = body
+                .lines()
+                .filter(|l| {
+                    l.contains(needle)
+                        && !l.contains("console.cloud.google.com")
+                        && !l.contains("www.w3.org/2000/svg")
+                })
+                .collect();
+            assert!(hits.is_empty(), "{path} references {needle}: {hits:?}");
+        }
+    }
+}
