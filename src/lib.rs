@@ -16,6 +16,7 @@
 //! - [`fixtures`]: stand-in EZ Focus and Qashier servers for tests and the demo;
 //! - [`bench`]: the project's own benchmark commands;
 //! - [`api`]: the admin HTTP API (health, runs) served by `crm-sync serve`;
+//! - [`notify`]: failure and recovery webhooks (Slack, JSON) from an outbox in PostgreSQL;
 //! - [`cli`]: the `crm-sync` command line.
 
 pub mod api;
@@ -28,6 +29,7 @@ pub mod destinations;
 pub mod fixtures;
 pub mod gcp;
 pub mod history;
+pub mod notify;
 pub mod pipeline;
 pub mod queue;
 pub mod scheduler;

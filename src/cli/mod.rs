@@ -67,6 +67,9 @@ enum Command {
         /// Do not serve the HTTP API in this process.
         #[arg(long)]
         no_api: bool,
+        /// Do not send webhook notifications from this process.
+        #[arg(long)]
+        no_notifier: bool,
         /// Steps run at once (overrides [worker] concurrency).
         #[arg(long)]
         concurrency: Option<usize>,
@@ -288,12 +291,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             no_workers,
             no_scheduler,
             no_api,
+            no_notifier,
             concurrency,
         } => {
             let roles = Roles {
                 api: !no_api,
                 workers: !no_workers,
                 scheduler: !no_scheduler,
+                notifier: !no_notifier,
             };
             serve(config, roles, concurrency).await
         }
@@ -429,6 +434,17 @@ fn check_config(cli: &Cli) -> ExitCode {
                     if p.enabled { "" } else { "; disabled" },
                 );
             }
+            for w in &config.notifications.webhooks {
+                let events: Vec<&str> = w.events.iter().map(|e| e.kind()).collect();
+                let only = w.pipelines.as_ref().map(|p| p.join(", "));
+                println!(
+                    "  webhook {:<16} {} on {} for {}",
+                    w.name,
+                    w.format.as_str(),
+                    events.join(", "),
+                    only.as_deref().unwrap_or("every pipeline")
+                );
+            }
             if config.database_url.is_none() {
                 println!("note: no database_url in the file and DATABASE_URL is not set");
             }
@@ -510,6 +526,8 @@ struct Roles {
     api: bool,
     workers: bool,
     scheduler: bool,
+    /// Sends webhook notifications, when the config has webhooks.
+    notifier: bool,
 }
 
 impl Roles {
@@ -518,6 +536,7 @@ impl Roles {
             api: false,
             workers: true,
             scheduler: false,
+            notifier: true,
         }
     }
 
@@ -526,6 +545,7 @@ impl Roles {
             api: false,
             workers: false,
             scheduler: true,
+            notifier: false,
         }
     }
 }
@@ -540,8 +560,10 @@ async fn serve(
         api,
         workers,
         scheduler,
+        notifier,
     } = roles;
-    if !api && !workers && !scheduler {
+    let notifier = notifier && !config.notifications.webhooks.is_empty();
+    if !api && !workers && !scheduler && !notifier {
         bail!("nothing to run: --no-api, --no-workers and --no-scheduler leave no role");
     }
     let mut config = config;
@@ -581,6 +603,10 @@ async fn serve(
         let worker = Worker::new(pool.clone(), Executor::new(Arc::new(config.clone())), opts);
         let token = shutdown.clone();
         roles.spawn(async move { worker.run(token).await.map(|_| ()) });
+    }
+    if notifier {
+        let notifier = crate::notify::Notifier::new(pool.clone(), &config)?;
+        roles.spawn(notifier.run(shutdown.clone()));
     }
     let mut result = Ok(());
     while let Some(done) = roles.join_next().await {
