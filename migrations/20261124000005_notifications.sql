@@ -54,23 +54,29 @@ CREATE INDEX notification_deliveries_due ON crm_sync.notification_deliveries (ne
     WHERE state = 'pending';
 
 -- The recovery check reads the pipeline's previous finished run.
-CREATE INDEX runs_pipeline_finished ON crm_sync.runs (pipeline, finished_at DESC)
-    WHERE status IN ('failed', 'succeeded');
+CREATE INDEX runs_pipeline_finished ON crm_sync.runs (pipeline, finished_at DESC, id DESC)
+    WHERE status IN ('failed', 'succeeded') AND finished_at IS NOT NULL;
 
--- Writes the event of a run that just failed or recovered, and its deliveries, in the run's transaction.
+-- Writes the event of a run that just failed or recovered (succeeded while the pipeline's previous
+-- finished run had failed; cancelled runs do not count), and its deliveries, in the run's transaction.
 CREATE FUNCTION crm_sync.record_run_event() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     v_kind      text;
     v_previous  text;
     v_event     bigint;
+    v_finished  timestamptz := coalesce(NEW.finished_at, clock_timestamp());
 BEGIN
     IF NEW.status = 'failed' THEN
         v_kind := 'run_failed';
     ELSE
+        -- Strictly before this run: when one statement finishes several runs of a pipeline, each
+        -- looks at the one before it, not at its siblings finished after it.
         SELECT r.status INTO v_previous FROM crm_sync.runs r
-         WHERE r.pipeline = NEW.pipeline AND r.id <> NEW.id AND r.status IN ('failed', 'succeeded')
-         ORDER BY r.finished_at DESC NULLS LAST, r.id DESC
+         WHERE r.pipeline = NEW.pipeline AND r.status IN ('failed', 'succeeded')
+           AND r.finished_at IS NOT NULL
+           AND (r.finished_at, r.id) < (v_finished, NEW.id)
+         ORDER BY r.finished_at DESC, r.id DESC
          LIMIT 1;
         IF v_previous IS DISTINCT FROM 'failed' THEN
             RETURN NULL;

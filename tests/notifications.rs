@@ -480,6 +480,60 @@ async fn filters_apply_and_a_new_webhook_does_not_replay_earlier_events() {
 }
 
 #[tokio::test]
+async fn a_recovery_is_the_first_success_after_a_failure_even_within_one_statement() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    db.config(&format!(
+        "{FLAKY}\n[[notifications.webhooks]]\nname = \"ops\"\nurl = {}\nformat = \"json\"\n",
+        url_file(dir.path(), "ops", "http://127.0.0.1:9/hooks/ops")
+    ))
+    .await;
+    let runs: Vec<Uuid> = sqlx::query_scalar("SELECT crm_sync.enqueue_runs('flaky', 5, 'sql')")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let finish = |ids: &[Uuid], status: &str| {
+        sqlx::query(
+            "UPDATE crm_sync.runs SET status = $2, finished_at = clock_timestamp() WHERE id = ANY($1)",
+        )
+        .bind(ids.to_vec())
+        .bind(status.to_string())
+        .execute(&db.pool)
+    };
+    finish(&runs[..1], "cancelled").await.unwrap();
+    finish(&runs[1..2], "failed").await.unwrap();
+    // One statement finishes three runs (as a batched completion does): the first is the recovery, the
+    // others follow a success. A cancelled run is no outcome at all and does not count as "previous".
+    finish(&runs[2..5], "succeeded").await.unwrap();
+    let events: Vec<(String, Uuid)> =
+        sqlx::query_as("SELECT kind, run_id FROM crm_sync.notification_events ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let first_success: Uuid = sqlx::query_scalar(
+        "SELECT id FROM crm_sync.runs WHERE id = ANY($1) ORDER BY finished_at, id LIMIT 1",
+    )
+    .bind(runs[2..5].to_vec())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        events,
+        vec![
+            ("run_failed".to_string(), runs[1]),
+            ("run_recovered".to_string(), first_success)
+        ]
+    );
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM crm_sync.notification_deliveries WHERE webhook = 'ops' AND state = 'pending'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(pending, 2);
+}
+
+#[tokio::test]
 async fn failing_receivers_are_retried_with_backoff_then_given_up_after_max_attempts() {
     let db = TestDb::new().await;
     let receiver = Receiver::start().await;
