@@ -839,6 +839,41 @@ timeout = "300ms"
     }
 }
 
+#[tokio::test]
+async fn serve_no_notifier_leaves_deliveries_in_the_outbox() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_config(
+        dir.path(),
+        &db,
+        &format!(
+            "{FLAKY}\n[[notifications.webhooks]]\nname = \"ops\"\nurl = {}\nformat = \"json\"\n",
+            url_file(dir.path(), "ops", &receiver.url("/hooks/ops"))
+        ),
+    );
+    let mut serve = spawn_binary(
+        &config,
+        &["serve", "--no-api", "--no-scheduler", "--no-notifier"],
+        &dir.path().join("serve.log"),
+    );
+    let (code, _, err) = run_binary(
+        &config,
+        &["run", "flaky", "--params", r#"{"fail_times": 1}"#, "--wait"],
+    );
+    assert_eq!(code, 1, "{err}");
+    // Ten polling intervals: a notifier would have sent it by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sigterm_and_wait(&mut serve);
+    assert!(receiver.received().is_empty());
+    let d = deliveries(&db).await;
+    assert_eq!(d.len(), 1);
+    assert_eq!((d[0].1.as_str(), d[0].2), ("pending", 0));
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(!log.contains("notifier started"), "{log}");
+    receiver.stop().await;
+}
+
 #[test]
 fn check_config_names_the_line_and_problem_of_bad_webhooks() {
     let dir = tempfile::tempdir().unwrap();
