@@ -264,6 +264,7 @@ pub enum WebhookFormat {
 }
 
 impl WebhookFormat {
+    /// The name used in the config and stored in `crm_sync.webhooks.format`.
     pub fn as_str(self) -> &'static str {
         match self {
             WebhookFormat::Slack => "slack",
