@@ -3,7 +3,8 @@
 //! Loading validates the whole file and reports every problem at once, each with its line and the
 //! pipeline it belongs to, so `crm-sync check-config` is one round of fixes rather than one per error.
 //! Secrets never live here: the only connection string that may appear is `database_url`, and the
-//! `DATABASE_URL` environment variable overrides it.
+//! `DATABASE_URL` environment variable overrides it. Webhook URLs (which carry their own token) are
+//! secret references, never literals.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Deserializer};
 use crate::backup::BackupConfig;
 use crate::destinations::DestinationConfig;
 use crate::scheduler::cron::CatchUp;
+use crate::secrets::SecretRef;
 use crate::transform::TransformConfig;
 use crate::validate::ValidateConfig;
 
@@ -32,6 +34,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub worker: WorkerConfig,
     pub pipelines: Vec<PipelineConfig>,
+    pub notifications: NotificationsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,12 +43,28 @@ pub struct ServerConfig {
     /// Address of the admin API, metrics and console.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Where people reach the console (behind a proxy, on another host name): the base of links sent
+    /// in notifications. `None` means `http://{listen}`.
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            public_url: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The base URL of console links, without a trailing slash, so that a notification can point at
+    /// `{base}/runs/{id}` wherever the console is actually reached.
+    pub fn console_base(&self) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.listen),
         }
     }
 }
@@ -199,6 +218,104 @@ pub enum SourceConfig {
     BrowserExport(crate::sources::browser::BrowserExportConfig),
 }
 
+/// `[notifications]`: where run failures and recoveries are announced.
+#[derive(Debug, Clone, Default)]
+pub struct NotificationsConfig {
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One `[[notifications.webhooks]]` table: a receiver of failure and recovery messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Names the webhook in logs and in `crm_sync.webhooks`, where the URL itself never goes.
+    pub name: String,
+    /// The URL is a secret (Slack's carries the token in its path), so only a reference is accepted.
+    #[serde(deserialize_with = "webhook_url")]
+    pub url: SecretRef,
+    pub format: WebhookFormat,
+    /// Which events are sent (default: both).
+    #[serde(default = "default_webhook_events")]
+    pub events: Vec<WebhookEvent>,
+    /// Only runs of these pipelines are announced (default: every pipeline).
+    #[serde(default)]
+    pub pipelines: Option<Vec<String>>,
+    /// Attempts per message before it is given up (state `failed`).
+    #[serde(default = "default_webhook_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt with jitter, capped by `retry_backoff_max`.
+    #[serde(default = "default_retry_backoff", deserialize_with = "duration")]
+    pub retry_backoff: Duration,
+    #[serde(default = "default_retry_backoff_max", deserialize_with = "duration")]
+    pub retry_backoff_max: Duration,
+    /// Bound on one POST, connection included.
+    #[serde(default = "default_webhook_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+/// The body a webhook receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    /// Slack incoming webhooks (and compatible: Mattermost, Rocket.Chat): `text` plus `blocks`.
+    Slack,
+    /// A flat JSON object for programs.
+    Json,
+}
+
+impl WebhookFormat {
+    /// The name used in the config and stored in `crm_sync.webhooks.format`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookFormat::Slack => "slack",
+            WebhookFormat::Json => "json",
+        }
+    }
+}
+
+/// What happened to a run, as named in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEvent {
+    /// A run failed.
+    Failure,
+    /// A run succeeded after the pipeline's previous finished run had failed.
+    Recovery,
+}
+
+impl WebhookEvent {
+    /// The event kind stored in `crm_sync.notification_events` and sent in payloads.
+    pub fn kind(self) -> &'static str {
+        match self {
+            WebhookEvent::Failure => "run_failed",
+            WebhookEvent::Recovery => "run_recovered",
+        }
+    }
+}
+
+fn default_webhook_events() -> Vec<WebhookEvent> {
+    vec![WebhookEvent::Failure, WebhookEvent::Recovery]
+}
+fn default_webhook_max_attempts() -> u32 {
+    8
+}
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A webhook URL must be `{ env = .. }` or `{ file = .. }`. A literal string is refused with a message
+/// that does not repeat it: the file may already be in version control, the log need not be too.
+fn webhook_url<'de, D: Deserializer<'de>>(d: D) -> Result<SecretRef, D::Error> {
+    match toml::Value::deserialize(d)? {
+        toml::Value::String(_) => Err(serde::de::Error::custom(
+            "url: a literal URL is not allowed (a webhook URL carries its token); \
+             write url = { env = \"NAME\" } or url = { file = \"/run/secrets/name\" }",
+        )),
+        other => SecretRef::deserialize(other)
+            .map_err(|e| serde::de::Error::custom(format!("url: {}", e.message().trim()))),
+    }
+}
+
 impl PipelineConfig {
     /// The names of this pipeline's steps, in order.
     pub fn step_names(&self) -> Vec<String> {
@@ -259,6 +376,7 @@ impl Config {
                 server: ServerConfig::default(),
                 worker: WorkerConfig::default(),
                 pipelines: Vec::new(),
+                notifications: NotificationsConfig::default(),
             },
             Err(e) => {
                 return Err(ConfigErrors {
@@ -297,12 +415,31 @@ impl Config {
             }
         };
 
+        let server_line = raw.server.as_ref().map(|s| line_of(text, s.span().start));
         let server = section::<ServerConfig>(raw.server, text, "server", &mut issues);
+        if let Some(s) = &server {
+            check_server(s, server_line, &mut issues);
+        }
         let worker_line = raw.worker.as_ref().map(|w| line_of(text, w.span().start));
         let worker = section::<WorkerConfig>(raw.worker, text, "worker", &mut issues);
         if let Some(w) = &worker {
             check_worker(w, worker_line, &mut issues);
         }
+
+        // Every pipeline name in the file, valid or not, so a webhook filter naming a pipeline that has
+        // problems of its own is not reported a second time as unknown.
+        let pipeline_names: HashSet<String> = raw
+            .pipelines
+            .iter()
+            .filter_map(|t| t.get_ref().get("name").and_then(|v| v.as_str()))
+            .map(str::to_string)
+            .collect();
+        let notifications = webhooks(
+            raw.notifications.unwrap_or_default().webhooks,
+            text,
+            &pipeline_names,
+            &mut issues,
+        );
 
         let mut pipelines = Vec::new();
         let mut seen = HashSet::new();
@@ -345,6 +482,7 @@ impl Config {
             server: server.unwrap_or_default(),
             worker: worker.unwrap_or_default(),
             pipelines,
+            notifications,
         })
     }
 
@@ -377,6 +515,14 @@ struct RawConfig {
     worker: Option<toml::Spanned<toml::Table>>,
     #[serde(default)]
     pipelines: Vec<toml::Spanned<toml::Table>>,
+    notifications: Option<RawNotifications>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNotifications {
+    #[serde(default)]
+    webhooks: Vec<toml::Spanned<toml::Table>>,
 }
 
 fn section<T: for<'de> Deserialize<'de>>(
@@ -431,6 +577,146 @@ fn check_worker(w: &WorkerConfig, line: Option<usize>, issues: &mut Vec<ConfigIs
     }
 }
 
+fn check_server(s: &ServerConfig, line: Option<usize>, issues: &mut Vec<ConfigIssue>) {
+    if let Some(url) = &s.public_url {
+        let ok = reqwest::Url::parse(url).is_ok_and(|u| {
+            matches!(u.scheme(), "http" | "https")
+                && u.host().is_some()
+                && u.query().is_none()
+                && u.fragment().is_none()
+        });
+        if !ok {
+            issues.push(ConfigIssue {
+                line,
+                location: "server.public_url".into(),
+                message: format!(
+                    "\"{url}\" is not an http(s) base URL such as \"https://crm-sync.example.com\""
+                ),
+            });
+        }
+    }
+}
+
+/// Deserializes and checks every `[[notifications.webhooks]]` table; the valid ones are returned.
+fn webhooks(
+    raw: Vec<toml::Spanned<toml::Table>>,
+    text: &str,
+    pipeline_names: &HashSet<String>,
+    issues: &mut Vec<ConfigIssue>,
+) -> NotificationsConfig {
+    let mut webhooks = Vec::new();
+    let mut seen = HashSet::new();
+    for (index, table) in raw.into_iter().enumerate() {
+        let line = Some(line_of(text, table.span().start));
+        let table = table.into_inner();
+        let label = match table.get("name").and_then(|v| v.as_str()) {
+            Some(name) => format!("notifications.webhooks[{index}] \"{name}\""),
+            None => format!("notifications.webhooks[{index}]"),
+        };
+        let before = issues.len();
+        match WebhookConfig::deserialize(toml::Value::Table(table)) {
+            Ok(w) => {
+                check_webhook(&w, &label, line, pipeline_names, issues);
+                if !seen.insert(w.name.clone()) {
+                    issues.push(ConfigIssue {
+                        line,
+                        location: format!("{label}.name"),
+                        message: format!("webhook name \"{}\" is used more than once", w.name),
+                    });
+                }
+                if issues.len() == before {
+                    webhooks.push(w);
+                }
+            }
+            Err(e) => issues.push(ConfigIssue {
+                line,
+                location: label,
+                message: e.message().trim().to_string(),
+            }),
+        }
+    }
+    NotificationsConfig { webhooks }
+}
+
+fn check_webhook(
+    w: &WebhookConfig,
+    label: &str,
+    line: Option<usize>,
+    pipeline_names: &HashSet<String>,
+    issues: &mut Vec<ConfigIssue>,
+) {
+    let mut bad = |field: &str, message: String| {
+        issues.push(ConfigIssue {
+            line,
+            location: format!("{label}.{field}"),
+            message,
+        })
+    };
+    if !valid_name(&w.name) {
+        bad(
+            "name",
+            format!(
+                "\"{}\" is not a valid webhook name (1-64 characters: letters, digits, '_', '-', '.')",
+                w.name
+            ),
+        );
+    }
+    if let Err(message) = w.url.check() {
+        bad("url", message);
+    }
+    if w.events.is_empty() {
+        bad(
+            "events",
+            "must name at least one of \"failure\", \"recovery\" (leave it out for both)".into(),
+        );
+    }
+    match &w.pipelines {
+        Some(list) if list.is_empty() => bad(
+            "pipelines",
+            "must name at least one pipeline (leave it out for every pipeline)".into(),
+        ),
+        Some(list) => {
+            for name in list.iter().filter(|n| !pipeline_names.contains(*n)) {
+                let mut known: Vec<&str> = pipeline_names.iter().map(String::as_str).collect();
+                known.sort_unstable();
+                bad(
+                    "pipelines",
+                    format!(
+                        "unknown pipeline \"{name}\" (configured: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
+        None => {}
+    }
+    if w.max_attempts == 0 || w.max_attempts > 100 {
+        bad("max_attempts", "must be between 1 and 100".into());
+    }
+    if w.timeout.is_zero() {
+        bad("timeout", "must be greater than zero".into());
+    }
+    if w.retry_backoff > w.retry_backoff_max {
+        bad(
+            "retry_backoff",
+            "must not be larger than retry_backoff_max".into(),
+        );
+    }
+}
+
+/// Pipeline and webhook names: 1-64 of letters, digits, `_`, `-`, `.` (the database checks the same).
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
 fn check_pipeline(
     p: &PipelineConfig,
     label: &str,
@@ -444,12 +730,7 @@ fn check_pipeline(
             message,
         })
     };
-    let name_ok = !p.name.is_empty()
-        && p.name.len() <= 64
-        && p.name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if !name_ok {
+    if !valid_name(&p.name) {
         bad(
             "name",
             format!(
@@ -682,6 +963,105 @@ source = { kind = "noop" }
         assert_eq!(err.issues.len(), 3, "{shown}");
         let ok = parse("[[pipelines]]\nname = \"a\"\nschedule = \"*/5 * * * MON-FRI\"\ncatch_up = \"all:3\"\nsource = { kind = \"noop\" }\n").unwrap();
         assert_eq!(ok.pipelines[0].catch_up, CatchUp::All { max: 3 });
+    }
+
+    #[test]
+    fn webhooks_get_defaults_and_console_links_a_base() {
+        let text = r#"
+[server]
+public_url = "https://crm-sync.example.com/"
+
+[[pipelines]]
+name = "accounts"
+source = { kind = "noop" }
+
+[[notifications.webhooks]]
+name = "ops-slack"
+url = { env = "SLACK_WEBHOOK_URL" }
+format = "slack"
+
+[[notifications.webhooks]]
+name = "pager.json"
+url = { file = "/run/secrets/pager_url" }
+format = "json"
+events = ["failure"]
+pipelines = ["accounts"]
+max_attempts = 3
+retry_backoff = "250ms"
+timeout = "2s"
+"#;
+        let c = parse(text).unwrap();
+        assert_eq!(c.server.console_base(), "https://crm-sync.example.com");
+        let [slack, json] = &c.notifications.webhooks[..] else {
+            panic!("two webhooks expected")
+        };
+        assert_eq!(slack.format, WebhookFormat::Slack);
+        assert_eq!(
+            slack.events,
+            vec![WebhookEvent::Failure, WebhookEvent::Recovery]
+        );
+        assert_eq!((slack.max_attempts, slack.pipelines.clone()), (8, None));
+        assert_eq!(slack.retry_backoff_max, Duration::from_secs(600));
+        assert_eq!(slack.timeout, Duration::from_secs(10));
+        assert_eq!(json.events, vec![WebhookEvent::Failure]);
+        assert_eq!(json.pipelines, Some(vec!["accounts".to_string()]));
+        assert_eq!(json.timeout, Duration::from_secs(2));
+        let default = parse("").unwrap();
+        assert_eq!(default.server.console_base(), "http://127.0.0.1:8080");
+        assert!(default.notifications.webhooks.is_empty());
+    }
+
+    #[test]
+    fn webhook_mistakes_name_their_line_and_never_echo_a_literal_url() {
+        let text = r#"[server]
+public_url = "crm-sync.example.com"
+
+[[pipelines]]
+name = "accounts"
+source = { kind = "noop" }
+
+[[notifications.webhooks]]
+name = "literal"
+url = "https://hooks.slack.com/services/T0/B0/SECRET-IN-FILE"
+format = "slack"
+
+[[notifications.webhooks]]
+name = "teams"
+url = { env = "X" }
+format = "teams"
+
+[[notifications.webhooks]]
+name = "filtered"
+url = { env = "X", file = "/y" }
+format = "json"
+pipelines = ["accounts", "nope"]
+events = []
+retry_backoff = "1h"
+
+[[notifications.webhooks]]
+name = "filtered"
+url = { env = "X" }
+format = "json"
+"#;
+        let err = parse(text).unwrap_err();
+        let shown = err.to_string();
+        assert!(!shown.contains("SECRET-IN-FILE"), "{shown}");
+        for expected in [
+            "test.toml:1: server.public_url: \"crm-sync.example.com\" is not an http(s) base URL",
+            "test.toml:8: notifications.webhooks[0] \"literal\": url: a literal URL is not allowed",
+            "test.toml:13: notifications.webhooks[1] \"teams\": unknown variant `teams`",
+            "test.toml:18: notifications.webhooks[2] \"filtered\".url: a secret needs exactly one",
+            "test.toml:18: notifications.webhooks[2] \"filtered\".pipelines: unknown pipeline \"nope\" (configured: accounts)",
+            "test.toml:18: notifications.webhooks[2] \"filtered\".events: must name at least one",
+            "test.toml:18: notifications.webhooks[2] \"filtered\".retry_backoff: must not be larger",
+            "test.toml:26: notifications.webhooks[3] \"filtered\".name: webhook name \"filtered\" is used more than once",
+        ] {
+            assert!(
+                shown.contains(expected),
+                "missing {expected:?} in:\n{shown}"
+            );
+        }
+        assert_eq!(err.issues.len(), 8, "{shown}");
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! - [`bench`]: the project's own benchmark commands;
 //! - [`metrics`]: Prometheus metrics of the process and of the queue;
 //! - [`api`]: the admin HTTP API (health, runs) served by `crm-sync serve`;
+//! - [`notify`]: failure and recovery webhooks (Slack, JSON) from an outbox in PostgreSQL;
 //! - [`cli`]: the `crm-sync` command line.
 
 pub mod api;
@@ -30,6 +31,7 @@ pub mod fixtures;
 pub mod gcp;
 pub mod history;
 pub mod metrics;
+pub mod notify;
 pub mod pipeline;
 pub mod queue;
 pub mod scheduler;

@@ -130,6 +130,7 @@ fn bench_config(config: &Config) -> Config {
         server: config.server.clone(),
         worker: config.worker.clone(),
         pipelines: vec![pipeline],
+        notifications: Default::default(),
     }
 }
 

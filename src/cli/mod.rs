@@ -68,6 +68,9 @@ enum Command {
         /// Do not serve /api (health and this process's /metrics stay on [server] listen).
         #[arg(long)]
         no_api: bool,
+        /// Do not send webhook notifications from this process.
+        #[arg(long)]
+        no_notifier: bool,
         /// Steps run at once (overrides [worker] concurrency).
         #[arg(long)]
         concurrency: Option<usize>,
@@ -300,6 +303,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             no_workers,
             no_scheduler,
             no_api,
+            no_notifier,
             concurrency,
         } => {
             let roles = Roles {
@@ -307,6 +311,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 ops_listen: no_api.then_some(config.server.listen),
                 workers: !no_workers,
                 scheduler: !no_scheduler,
+                notifier: !no_notifier,
             };
             serve(config, roles, concurrency).await
         }
@@ -445,6 +450,17 @@ fn check_config(cli: &Cli) -> ExitCode {
                     if p.enabled { "" } else { "; disabled" },
                 );
             }
+            for w in &config.notifications.webhooks {
+                let events: Vec<&str> = w.events.iter().map(|e| e.kind()).collect();
+                let only = w.pipelines.as_ref().map(|p| p.join(", "));
+                println!(
+                    "  webhook {:<16} {} on {} for {}",
+                    w.name,
+                    w.format.as_str(),
+                    events.join(", "),
+                    only.as_deref().unwrap_or("every pipeline")
+                );
+            }
             if config.database_url.is_none() {
                 println!("note: no database_url in the file and DATABASE_URL is not set");
             }
@@ -529,6 +545,8 @@ struct Roles {
     ops_listen: Option<SocketAddr>,
     workers: bool,
     scheduler: bool,
+    /// Sends webhook notifications, when the config has webhooks.
+    notifier: bool,
 }
 
 impl Roles {
@@ -538,6 +556,7 @@ impl Roles {
             ops_listen,
             workers: true,
             scheduler: false,
+            notifier: true,
         }
     }
 
@@ -547,6 +566,7 @@ impl Roles {
             ops_listen,
             workers: false,
             scheduler: true,
+            notifier: false,
         }
     }
 }
@@ -562,8 +582,10 @@ async fn serve(
         ops_listen,
         workers,
         scheduler,
+        notifier,
     } = roles;
-    if !api && !workers && !scheduler {
+    let notifier = notifier && !config.notifications.webhooks.is_empty();
+    if !api && !workers && !scheduler && !notifier {
         bail!("nothing to run: --no-api, --no-workers and --no-scheduler leave no role");
     }
     let mut config = config;
@@ -611,6 +633,11 @@ async fn serve(
             .with_metrics(metrics.clone());
         let token = shutdown.clone();
         roles.spawn(async move { worker.run(token).await.map(|_| ()) });
+    }
+    if notifier {
+        let notifier =
+            crate::notify::Notifier::new(pool.clone(), &config)?.with_metrics(metrics.clone());
+        roles.spawn(notifier.run(shutdown.clone()));
     }
     let mut result = Ok(());
     while let Some(done) = roles.join_next().await {

@@ -1,5 +1,6 @@
 //! Registers the config's pipelines in `crm_sync.pipelines`, so the database can enforce their limits
-//! and SQL callers can enqueue them by name.
+//! and SQL callers can enqueue them by name, and its webhooks in `crm_sync.webhooks` (same transaction),
+//! so the run trigger knows whom to notify.
 
 use sqlx::PgPool;
 
@@ -10,7 +11,7 @@ use crate::config::{Config, PipelineConfig};
 /// Pipelines whose name starts with this are internal (benchmarks) and are never disabled by a sync.
 pub const INTERNAL_PREFIX: &str = "__";
 
-/// Upserts every configured pipeline and disables registered ones that left the config.
+/// Upserts every configured pipeline and webhook and disables registered ones that left the config.
 pub async fn sync(pool: &PgPool, config: &Config) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     for p in &config.pipelines {
@@ -25,6 +26,7 @@ pub async fn sync(pool: &PgPool, config: &Config) -> Result<(), sqlx::Error> {
     .bind(INTERNAL_PREFIX)
     .execute(&mut *tx)
     .await?;
+    crate::notify::store::register(&mut tx, &config.notifications).await?;
     tx.commit().await
 }
 

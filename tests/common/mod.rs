@@ -238,7 +238,12 @@ pub fn binary() -> PathBuf {
 /// Writes a config file for child processes into `dir`.
 pub fn write_config(dir: &Path, db: &TestDb, toml_text: &str) -> PathBuf {
     let path = dir.join("crm-sync.toml");
-    std::fs::write(&path, format!("database_url = \"{}\"\n{toml_text}", db.url)).unwrap();
+    let mut text = format!("database_url = \"{}\"\n{toml_text}", db.url);
+    // Processes that serve HTTP (serve, even with --no-api) must not fight over port 8080.
+    if !toml_text.contains("[server]") {
+        text.push_str("\n[server]\nlisten = \"127.0.0.1:0\"\n");
+    }
+    std::fs::write(&path, text).unwrap();
     path
 }
 
