@@ -6,12 +6,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{RunningWorker, TestDb, wait_for_run};
-use crm_sync::api::{self, AppState, Tokens};
+use common::{ApiServer, RunningWorker, TestDb, wait_for_run};
 use crm_sync::metrics::Metrics;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const ADMIN: &str = "admin-token-for-tests-0001";
@@ -21,26 +19,17 @@ struct Api {
     base: String,
     client: reqwest::Client,
     metrics: Arc<Metrics>,
-    stop: CancellationToken,
+    _server: ApiServer,
 }
 
 impl Api {
     async fn start(db: &TestDb, config: &crm_sync::config::Config) -> Api {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let state = AppState::new(
-            db.pool.clone(),
-            Arc::new(config.clone()),
-            Tokens::new(vec![ADMIN.into()], vec![READER.into()]),
-        );
-        let metrics = state.metrics.clone();
-        let stop = CancellationToken::new();
-        tokio::spawn(api::serve(listener, state, stop.clone()));
+        let server = ApiServer::start(db, config, ADMIN, READER).await;
         Api {
-            base,
+            base: server.base.clone(),
             client: reqwest::Client::new(),
-            metrics,
-            stop,
+            metrics: server.metrics.clone(),
+            _server: server,
         }
     }
 
@@ -113,12 +102,6 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
                 .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
         })
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }
 
 const CONFIG: &str = r#"

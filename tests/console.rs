@@ -5,14 +5,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chromiumoxide::Page;
 use common::browser::{Chromium, click, js, phone_width, screenshot, type_into, wait_for};
-use common::{RunningWorker, TestDb};
-use crm_sync::api::{self, AppState, Tokens};
-use tokio_util::sync::CancellationToken;
+use common::{ApiServer, RunningWorker, TestDb};
 
 const ADMIN: &str = "console-admin-token-0001";
 const READER: &str = "console-read-token-0001";
@@ -33,32 +30,6 @@ name = "broken"
 retry_backoff = "10ms"
 source = { kind = "noop", fail_times = 1, fail_kind = "terminal" }
 "#;
-
-struct Console {
-    base: String,
-    stop: CancellationToken,
-}
-
-impl Console {
-    async fn start(db: &TestDb, config: &crm_sync::config::Config) -> Console {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let state = AppState::new(
-            db.pool.clone(),
-            Arc::new(config.clone()),
-            Tokens::new(vec![ADMIN.into()], vec![READER.into()]),
-        );
-        let stop = CancellationToken::new();
-        tokio::spawn(api::serve(listener, state, stop.clone()));
-        Console { base, stop }
-    }
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
 
 async fn sign_in(page: &Page, token: &str) {
     wait_for(
@@ -108,7 +79,7 @@ async fn watch_statuses(page: &Page, last: &str, timeout: Duration) -> Vec<Strin
 async fn admin_runs_a_pipeline_and_watches_it_live_then_retries_a_failure() {
     let db = TestDb::new().await;
     let config = db.config(CONFIG).await;
-    let console = Console::start(&db, &config).await;
+    let console = ApiServer::start(&db, &config, ADMIN, READER).await;
     let chromium = Chromium::launch().await;
     let page = chromium.open(&console.base).await;
 
@@ -277,7 +248,7 @@ async fn admin_runs_a_pipeline_and_watches_it_live_then_retries_a_failure() {
 async fn a_read_only_token_sees_everything_but_no_buttons() {
     let db = TestDb::new().await;
     let config = db.config(CONFIG).await;
-    let console = Console::start(&db, &config).await;
+    let console = ApiServer::start(&db, &config, ADMIN, READER).await;
     let run = crm_sync::queue::enqueue(
         &db.pool,
         "broken",
@@ -331,7 +302,7 @@ async fn a_read_only_token_sees_everything_but_no_buttons() {
 async fn the_console_is_one_self_contained_page() {
     let db = TestDb::new().await;
     let config = db.config(CONFIG).await;
-    let console = Console::start(&db, &config).await;
+    let console = ApiServer::start(&db, &config, ADMIN, READER).await;
     let client = reqwest::Client::new();
     for path in [
         "/",

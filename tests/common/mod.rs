@@ -279,3 +279,37 @@ pub fn run_binary(config: &Path, args: &[&str]) -> (i32, String, String) {
 }
 pub mod browser;
 pub mod emulators;
+
+/// `serve`'s whole HTTP surface (API, console, metrics) in-process on a free port; stopped on drop.
+pub struct ApiServer {
+    pub base: String,
+    /// The process metrics the server exports (give them to workers to see their counts).
+    pub metrics: Arc<crm_sync::metrics::Metrics>,
+    stop: CancellationToken,
+}
+
+impl ApiServer {
+    pub async fn start(db: &TestDb, config: &Config, admin: &str, reader: &str) -> ApiServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let state = crm_sync::api::AppState::new(
+            db.pool.clone(),
+            Arc::new(config.clone()),
+            crm_sync::api::Tokens::new(vec![admin.into()], vec![reader.into()]),
+        );
+        let metrics = state.metrics.clone();
+        let stop = CancellationToken::new();
+        tokio::spawn(crm_sync::api::serve(listener, state, stop.clone()));
+        ApiServer {
+            base,
+            metrics,
+            stop,
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
