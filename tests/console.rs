@@ -10,6 +10,7 @@ use std::time::Duration;
 use chromiumoxide::Page;
 use common::browser::{Chromium, click, js, phone_width, screenshot, type_into, wait_for};
 use common::{ApiServer, RunningWorker, TestDb};
+use crm_sync::fixtures::ezfocus::{EzFocusConfig, EzFocusFixture};
 
 const ADMIN: &str = "console-admin-token-0001";
 const READER: &str = "console-read-token-0001";
@@ -346,4 +347,154 @@ async fn the_console_is_one_self_contained_page() {
             assert!(hits.is_empty(), "{path} references {needle}: {hits:?}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_pipeline_run_shows_rows_and_backups_the_runs_page_pages_and_cancel_stops_a_run() {
+    let db = TestDb::new().await;
+    let fixture = EzFocusFixture::start_on_free_port(EzFocusConfig::default())
+        .await
+        .unwrap();
+    let (secrets, backups) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let text = common::ezfocus::example_config(&fixture, secrets.path(), backups.path());
+    let config = db
+        .config(&format!(
+            "{text}\n[[pipelines]]\nname = \"noop\"\nsource = {{ kind = \"noop\" }}\n"
+        ))
+        .await;
+    let (run, status) =
+        common::run_pipeline(&db, &config, "ezfocus_accounts", Duration::from_secs(120)).await;
+    assert_eq!(status, "succeeded");
+    let loaded: i64 = sqlx::query_scalar("SELECT count(*) FROM ezfocus.accounts_list")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+
+    let console = ApiServer::start(&db, &config, ADMIN, READER).await;
+    let chromium = Chromium::launch().await;
+    let page = chromium.open(&console.base).await;
+    wait_for(
+        &page,
+        "document.querySelector('#token')",
+        Duration::from_secs(10),
+        "sign-in",
+    )
+    .await;
+    type_into(&page, "#token", ADMIN).await;
+    click(&page, "#signin").await;
+    wait_for(
+        &page,
+        "document.querySelector('tr[data-pipeline]')",
+        Duration::from_secs(10),
+        "pipelines",
+    )
+    .await;
+
+    // The run page: every step succeeded with its rows and backup objects.
+    page.goto(format!("{}/runs/{run}", console.base))
+        .await
+        .unwrap();
+    wait_for(
+        &page,
+        "document.querySelector('tr[data-step=\"load\"]')",
+        Duration::from_secs(10),
+        "the steps",
+    )
+    .await;
+    let load: String = js(
+        &page,
+        "document.querySelector('tr[data-step=\"load\"]').innerText",
+    )
+    .await;
+    assert!(
+        load.contains(&loaded.to_string()),
+        "rows loaded shown: {load}"
+    );
+    assert!(load.contains("ezfocus.accounts_list"), "{load}");
+    let objects: Vec<String> = js(
+        &page,
+        "[...document.querySelectorAll('#steps .object')].map(e => e.innerText)",
+    )
+    .await;
+    let backup_dir = backups.path().display().to_string();
+    assert!(
+        objects.len() >= 2,
+        "raw and staged objects shown: {objects:?}"
+    );
+    assert!(
+        objects.iter().all(|o| o.contains(&backup_dir)),
+        "{objects:?}"
+    );
+    screenshot(&page, "11-ezfocus-run").await;
+
+    // The runs page shows rows loaded, and pages through older runs.
+    for _ in 0..30 {
+        crm_sync::queue::enqueue(
+            &db.pool,
+            "noop",
+            &serde_json::json!({}),
+            None,
+            crm_sync::queue::Trigger::Api,
+        )
+        .await
+        .unwrap();
+    }
+    click(&page, "a[data-nav=\"runs\"]").await;
+    wait_for(
+        &page,
+        "document.querySelectorAll('#runs tr[data-run]').length === 25",
+        Duration::from_secs(10),
+        "a full page",
+    )
+    .await;
+    click(&page, "#older").await;
+    wait_for(
+        &page,
+        "document.querySelectorAll('#runs tr[data-run]').length === 6",
+        Duration::from_secs(10),
+        "the older page",
+    )
+    .await;
+    let row: String = js(
+        &page,
+        &format!("document.querySelector('tr[data-run=\"{run}\"]').innerText"),
+    )
+    .await;
+    assert!(
+        row.contains("ezfocus_accounts") && row.contains(&loaded.to_string()),
+        "{row}"
+    );
+    assert!(
+        js::<String>(&page, "location.search")
+            .await
+            .contains("before=")
+    );
+    screenshot(&page, "12-runs-older-page").await;
+
+    // Cancel a queued run from its page; it turns cancelled live and offers Retry and Rerun.
+    let queued: uuid::Uuid = sqlx::query_scalar(
+        "SELECT id FROM crm_sync.runs WHERE pipeline = 'noop' ORDER BY created_at DESC LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    page.goto(format!("{}/runs/{queued}", console.base))
+        .await
+        .unwrap();
+    wait_for(
+        &page,
+        "document.querySelector('#action-cancel')",
+        Duration::from_secs(10),
+        "Cancel",
+    )
+    .await;
+    click(&page, "#action-cancel").await;
+    wait_for(
+        &page,
+        &format!("{RUN_STATUS} === 'cancelled' && document.querySelector('#action-retry') && document.querySelector('#action-rerun') && !document.querySelector('#action-cancel')"),
+        Duration::from_secs(10),
+        "the cancelled run with Retry and Rerun",
+    )
+    .await;
+    screenshot(&page, "13-run-cancelled").await;
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{RunningWorker, TestDb, wait_for_run};
 use crm_sync::config::Config;
-use crm_sync::fixtures::ezfocus::{self, EzFocusConfig, EzFocusFixture, Fault};
+use crm_sync::fixtures::ezfocus::{EzFocusConfig, EzFocusFixture, Fault};
 use crm_sync::queue;
 use serde_json::json;
 use uuid::Uuid;
@@ -29,18 +29,7 @@ async fn setup(edit: impl Fn(String) -> String) -> Setup {
         .unwrap();
     let secrets = tempfile::tempdir().unwrap();
     let backups = tempfile::tempdir().unwrap();
-    let mut text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/ezfocus.toml"
-    ))
-    .unwrap();
-    text = crm_sync::fixtures::with_secret_files(&text, secrets.path(), &ezfocus::EXAMPLE_SECRETS)
-        .unwrap();
-    text = text
-        .replace("http://127.0.0.1:8081", &fixture.base_url())
-        .replace("./crm-sync-backups", &backups.path().display().to_string())
-        .replace("retry_backoff = \"10s\"", "retry_backoff = \"50ms\"")
-        .replace("[worker]", "[worker]\npoll_interval = \"100ms\"");
+    let text = common::ezfocus::example_config(&fixture, secrets.path(), backups.path());
     let config = db.config(&edit(text)).await;
     Setup {
         db,

@@ -279,6 +279,7 @@ pub fn run_binary(config: &Path, args: &[&str]) -> (i32, String, String) {
 }
 pub mod browser;
 pub mod emulators;
+pub mod ezfocus;
 
 /// `serve`'s whole HTTP surface (API, console, metrics) in-process on a free port; stopped on drop.
 pub struct ApiServer {
