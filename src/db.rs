@@ -18,6 +18,22 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
         .map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))
 }
 
+/// Creates the database `url` names when it does not exist yet (needs the CREATEDB privilege then);
+/// returns whether it did. `crm-sync migrate` and the demo start from an empty server this way.
+pub async fn create_database_if_missing(url: &str) -> anyhow::Result<bool> {
+    use sqlx::migrate::MigrateDatabase;
+    if sqlx::Postgres::database_exists(url)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to the database server: {e}"))?
+    {
+        return Ok(false);
+    }
+    sqlx::Postgres::create_database(url)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create the database: {e}"))?;
+    Ok(true)
+}
+
 /// Applies every pending migration (idempotent; safe to run from several processes, sqlx takes an
 /// advisory lock).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {

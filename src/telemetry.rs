@@ -10,10 +10,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber; call once at start.
-pub fn init(format: LogFormat) {
+/// Installs the global subscriber; call once at start. `default_filter` applies when `RUST_LOG` is
+/// unset (`info,sqlx=warn` for the service; the demo prints its own story and logs only warnings).
+pub fn init(format: LogFormat, default_filter: &str) {
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

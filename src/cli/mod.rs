@@ -1,5 +1,6 @@
 //! The `crm-sync` command line. Command names and flags are part of the external contract.
 
+mod demo;
 mod output;
 
 use std::net::SocketAddr;
@@ -49,6 +50,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the whole product on this machine: both stand-in CRMs, both reference pipelines end to
+    /// end into PostgreSQL, then the console and API until Ctrl-C.
+    #[command(
+        after_help = "Examples:\n  crm-sync demo                      # DATABASE_URL or postgres://postgres@127.0.0.1:5432/crm_sync_demo\n  DATABASE_URL=postgres://me@db/crm_demo crm-sync demo --listen 127.0.0.1:9000\n  crm-sync demo --exit               # print the summary and stop"
+    )]
+    Demo(demo::DemoArgs),
     /// Create or upgrade the crm_sync schema.
     #[command(
         after_help = "Example:\n  DATABASE_URL=postgres://postgres@127.0.0.1/crm_sync crm-sync migrate"
@@ -237,7 +244,11 @@ enum BenchCommand {
 /// Parses arguments, runs the command, and maps the outcome to an exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    let default_filter = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info,sqlx=warn",
+    };
+    telemetry::init(cli.log_format, default_filter);
     crate::gcp::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -290,10 +301,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Fixture(fixture) = cli.command {
         return serve_fixture(fixture).await;
     }
+    if let Command::Demo(args) = cli.command {
+        return demo::run(args).await;
+    }
     let config = load_config(&cli)?;
     match cli.command {
-        Command::CheckConfig | Command::Fixture(_) => unreachable!("handled above"),
+        Command::CheckConfig | Command::Fixture(_) | Command::Demo(_) => {
+            unreachable!("handled above")
+        }
         Command::Migrate => {
+            if db::create_database_if_missing(config.require_database_url()?).await? {
+                println!("database created");
+            }
             let pool = connect(&config).await?;
             db::migrate(&pool).await?;
             println!("migrations applied; schema crm_sync is current");
@@ -550,6 +569,17 @@ struct Roles {
 }
 
 impl Roles {
+    /// Everything `serve` runs by default.
+    fn everything() -> Self {
+        Self {
+            api: true,
+            ops_listen: None,
+            workers: true,
+            scheduler: true,
+            notifier: true,
+        }
+    }
+
     fn only_workers(ops_listen: Option<SocketAddr>) -> Self {
         Self {
             api: false,
@@ -577,6 +607,19 @@ async fn serve(
     roles: Roles,
     concurrency: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    serve_until(config, roles, concurrency, None, shutdown).await
+}
+
+/// [`serve`] until `shutdown` is cancelled; `tokens` replace the environment's API tokens.
+async fn serve_until(
+    config: Config,
+    roles: Roles,
+    concurrency: Option<usize>,
+    tokens: Option<crate::api::Tokens>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExitCode> {
     let Roles {
         api,
         ops_listen,
@@ -596,12 +639,13 @@ async fn serve(
         config.worker.concurrency = c;
     }
     let pool = connect_ready(&config).await?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
     let mut roles = tokio::task::JoinSet::new();
     let metrics = crate::metrics::Metrics::new();
     if api {
-        let tokens = crate::api::Tokens::from_env()?;
+        let tokens = match tokens {
+            Some(t) => t,
+            None => crate::api::Tokens::from_env()?,
+        };
         if tokens.is_empty() {
             tracing::warn!(
                 "no API tokens (CRM_SYNC_ADMIN_TOKENS, CRM_SYNC_READ_TOKENS): /api answers 401 to everyone"

@@ -1,0 +1,359 @@
+//! `crm-sync demo`: the whole product on one machine in one command. It creates and migrates its
+//! database, starts both stand-in CRMs in-process, writes a config for the two reference pipelines
+//! (local backups, PostgreSQL destinations), runs both end to end, prints what happened and where
+//! the data is, then keeps serving the console and API (and the scheduler and workers) until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Roles, serve_until, stop_on_signal};
+use crate::config::Config;
+use crate::fixtures::ezfocus::{self, EzFocusConfig, EzFocusFixture};
+use crate::fixtures::qashier::{self, QashierConfig, QashierFixture};
+use crate::history;
+use crate::queue::{self, Trigger};
+
+/// Both reference pipelines as a team would run them (a test keeps this file in step with the
+/// single-pipeline examples).
+const EXAMPLE: &str = include_str!("../../examples/crm-sync.toml");
+/// The database used when `DATABASE_URL` is not set.
+const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/crm_sync_demo";
+const EZFOCUS: &str = "ezfocus_accounts";
+const QASHIER: &str = "qashier_customers";
+/// How long the demo waits for its two runs.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What `crm-sync demo` was asked for.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Where the demo keeps its config, secrets, admin token and backups.
+    #[arg(long, default_value = "crm-sync-demo")]
+    pub dir: PathBuf,
+    /// Address of the console and API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Print the summary and exit instead of serving until Ctrl-C.
+    #[arg(long)]
+    pub exit: bool,
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let database_url = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string());
+    // Written into the demo's config so the other commands find the database, unless it holds a
+    // password (then DATABASE_URL stays the only place it lives).
+    let has_password = reqwest::Url::parse(&database_url).is_ok_and(|u| u.password().is_some());
+    println!("crm-sync demo");
+    println!("  database    {}", redact_password(&database_url));
+    if crate::db::create_database_if_missing(&database_url)
+        .await
+        .context("is PostgreSQL running? set DATABASE_URL to point at it")?
+    {
+        println!("              (created)");
+    }
+
+    let dir = absolute(&args.dir)?;
+    let secrets_dir = dir.join("secrets");
+    let backups_dir = dir.join("backups");
+    for d in [&dir, &secrets_dir, &backups_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    restrict(&secrets_dir, 0o700)?;
+
+    let ez = EzFocusFixture::start_on_free_port(EzFocusConfig::default())
+        .await
+        .context("starting the EZ Focus fixture")?;
+    let qa = QashierFixture::start_on_free_port(QashierConfig::default())
+        .await
+        .context("starting the Qashier fixture")?;
+    println!("  EZ Focus    stand-in CRM at {}", ez.base_url());
+    println!("  Qashier     stand-in back office at {}", qa.base_url());
+
+    let chromium = crate::sources::browser::BrowserExportConfig::new(
+        qa.login_url(),
+        crate::secrets::SecretRef::env("QASHIER_USERNAME"),
+        crate::secrets::SecretRef::env("QASHIER_PASSWORD"),
+    )
+    .chromium_path()
+    .ok()
+    .filter(|p| p.is_file());
+    if chromium.is_none() {
+        println!(
+            "  Chromium    not found: the Qashier pipeline (a browser export) is left out.\n              \
+             Install it (Debian/Ubuntu: sudo apt-get install chromium) and run the demo again."
+        );
+    }
+
+    let text = demo_config(
+        &ez,
+        &qa,
+        &secrets_dir,
+        &backups_dir,
+        args.listen,
+        (!has_password).then_some(database_url.as_str()),
+        chromium.is_some(),
+    )?;
+    let config_path = dir.join("crm-sync.toml");
+    std::fs::write(&config_path, &text)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    let mut config = Config::parse(&text, &config_path)
+        .map_err(|e| anyhow::anyhow!("the demo config is invalid: {e}"))?;
+    config.database_url = Some(database_url.clone());
+    println!("  config      {}", config_path.display());
+
+    let pool = crate::db::connect(&database_url, 4).await?;
+    crate::db::migrate(&pool).await?;
+    crate::pipeline::registry::sync(&pool, &config).await?;
+
+    let (token, token_path) = admin_token(&dir)?;
+    let shutdown = CancellationToken::new();
+    let mut service = tokio::spawn(serve_until(
+        config.clone(),
+        Roles::everything(),
+        None,
+        Some(crate::api::Tokens::new(vec![token], Vec::new())),
+        shutdown.clone(),
+    ));
+
+    let mut names = vec![EZFOCUS];
+    if chromium.is_some() {
+        names.push(QASHIER);
+    }
+    println!();
+    let mut runs = Vec::new();
+    for name in &names {
+        let id = queue::enqueue(&pool, name, &serde_json::json!({}), None, Trigger::Cli).await?;
+        println!("  started {name} (run {id})");
+        runs.push(id);
+    }
+    let started = Instant::now();
+    let outcome = tokio::select! {
+        o = wait_all(&pool, &runs) => o,
+        r = service_ended(&mut service) => return r,
+    };
+    let all_ok = outcome?;
+    println!();
+    for id in &runs {
+        print_run(&pool, *id).await?;
+    }
+    println!(
+        "\n  both pipelines ran in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    println!("\nWhere to look:");
+    println!(
+        "  console     http://{}/   (sign in with the admin token: cat {})",
+        args.listen,
+        token_path.display()
+    );
+    println!(
+        "  runs        crm-sync --config {} runs",
+        config_path.display()
+    );
+    println!(
+        "  data        psql \"{}\" -c 'SELECT count(*) FROM ezfocus.accounts_list'",
+        redact_password(&database_url)
+    );
+    println!("  backups     {}", backups_dir.display());
+
+    if args.exit {
+        shutdown.cancel();
+    } else {
+        println!("\nServing the console, API, workers and scheduler; Ctrl-C to stop.");
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+    }
+    let _ = service.await;
+    pool.close().await;
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The example config wired to the in-process fixtures, with secrets in files and local backups.
+fn demo_config(
+    ez: &EzFocusFixture,
+    qa: &QashierFixture,
+    secrets_dir: &Path,
+    backups_dir: &Path,
+    listen: SocketAddr,
+    database_url: Option<&str>,
+    with_qashier: bool,
+) -> anyhow::Result<String> {
+    let mut secrets: Vec<(&str, &str)> = ezfocus::EXAMPLE_SECRETS.to_vec();
+    secrets.push(("QASHIER_USERNAME", qashier::DEFAULT_USERNAME));
+    secrets.push(("QASHIER_PASSWORD", qashier::DEFAULT_PASSWORD));
+    let mut body = crate::fixtures::with_secret_files(EXAMPLE, secrets_dir, &secrets)
+        .context("writing the demo's secret files")?
+        .replace("http://127.0.0.1:8081", &ez.base_url())
+        .replace(
+            "http://127.0.0.1:8082/#/login?redirect=/customer-management",
+            &qa.login_url(),
+        )
+        .replace("./crm-sync-backups", &backups_dir.display().to_string());
+    if !with_qashier {
+        let start = body
+            .find("\n[[pipelines]]\nname = \"qashier_customers\"")
+            .context("the example config has no qashier_customers pipeline")?;
+        body.truncate(start + 1);
+    }
+    let mut text = String::from(
+        "# Written by `crm-sync demo`: both reference pipelines against the stand-in CRMs started by\n\
+         # the demo (their ports change every time). Secrets are the fixtures' demo credentials.\n",
+    );
+    if let Some(url) = database_url {
+        text.push_str(&format!("database_url = \"{url}\"\n"));
+    }
+    text.push_str(&format!("\n[server]\nlisten = \"{listen}\"\n\n"));
+    text.push_str(&body);
+    Ok(text)
+}
+
+/// The admin token: `CRM_SYNC_ADMIN_TOKENS`'s first one if set, else the one kept in
+/// `DIR/admin-token` (created once, mode 0600). Never printed: the user reads the file.
+fn admin_token(dir: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let path = dir.join("admin-token");
+    if let Ok(existing) = std::fs::read_to_string(&path)
+        && existing.trim().len() >= 16
+    {
+        return Ok((existing.trim().to_string(), path));
+    }
+    let token = format!(
+        "demo-{}",
+        Uuid::new_v4().simple().to_string() + &Uuid::new_v4().simple().to_string()
+    );
+    std::fs::write(&path, format!("{token}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    restrict(&path, 0o600)?;
+    Ok((token, path))
+}
+
+async fn wait_all(pool: &sqlx::PgPool, runs: &[Uuid]) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    loop {
+        let mut done = 0;
+        let mut ok = true;
+        for id in runs {
+            let (status, _) = history::run_status(pool, *id)
+                .await?
+                .context("a demo run disappeared")?;
+            match status.as_str() {
+                "succeeded" => done += 1,
+                "failed" | "cancelled" => {
+                    done += 1;
+                    ok = false;
+                }
+                _ => {}
+            }
+        }
+        if done == runs.len() {
+            return Ok(ok);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the demo runs did not finish within {}",
+                humantime::format_duration(RUN_TIMEOUT)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The service task ended before the runs did: that is an error (port taken, database gone).
+async fn service_ended(
+    service: &mut tokio::task::JoinHandle<anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    match service.await {
+        Ok(Ok(_)) => bail!("the service stopped before the demo runs finished"),
+        Ok(Err(e)) => Err(e.context("the demo service failed")),
+        Err(e) => bail!("the demo service panicked: {e}"),
+    }
+}
+
+async fn print_run(pool: &sqlx::PgPool, id: Uuid) -> anyhow::Result<()> {
+    let detail = history::run_detail(pool, id)
+        .await?
+        .context("a demo run disappeared")?;
+    let run = &detail.run;
+    let duration = run.duration_secs().unwrap_or_default();
+    let table = detail
+        .steps
+        .iter()
+        .find_map(|s| s.output.as_ref()?.get("table")?.as_str().map(String::from))
+        .unwrap_or_default();
+    match run.status.as_str() {
+        "succeeded" => println!(
+            "  {:<18} succeeded in {duration:.1} s: {} rows into {table} (batch {})",
+            run.pipeline,
+            run.rows_loaded.unwrap_or_default(),
+            run.batch_id
+        ),
+        status => println!(
+            "  {:<18} {status} after {duration:.1} s: {}",
+            run.pipeline,
+            run.error.as_deref().unwrap_or("no error recorded")
+        ),
+    }
+    for step in &detail.steps {
+        if let Some(object) = step.output.as_ref().and_then(|o| o.get("object"))
+            && let Some(object) = object.as_str()
+        {
+            println!("  {:<18}   {} object: {object}", "", step.name);
+        }
+    }
+    Ok(())
+}
+
+/// `postgres://user:secret@host/db` as `postgres://user:***@host/db`.
+fn redact_password(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(unparseable DATABASE_URL)".to_string(),
+    }
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    })
+}
+
+fn restrict(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot restrict {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_password;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            redact_password("postgres://app:s3cret@db:5432/crm"),
+            "postgres://app:***@db:5432/crm"
+        );
+        assert_eq!(
+            redact_password("postgres://postgres@127.0.0.1:5432/crm_sync_demo"),
+            "postgres://postgres@127.0.0.1:5432/crm_sync_demo"
+        );
+        assert!(!redact_password("not a url s3cret").contains("s3cret"));
+    }
+}

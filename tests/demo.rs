@@ -1,0 +1,175 @@
+//! `crm-sync demo` as a newcomer runs it: the real binary creates its database, starts both stand-in
+//! CRMs, runs both reference pipelines into PostgreSQL, prints where everything is, serves the
+//! console and API until Ctrl-C; without Chromium it runs EZ Focus alone and says how to install it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::TestDb;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use sqlx::postgres::PgPoolOptions;
+
+/// A database name the demo must create itself (TestDb's, dropped again first).
+async fn missing_database() -> TestDb {
+    let db = TestDb::new().await;
+    db.pool.close().await;
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&common::admin_url())
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {} WITH (FORCE)",
+        db.name
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    db
+}
+
+fn demo(db: &TestDb, cwd: &std::path::Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(common::binary());
+    cmd.arg("demo")
+        .args(args)
+        .current_dir(cwd)
+        .env("DATABASE_URL", &db.url)
+        .env_remove("CRM_SYNC_ADMIN_TOKENS")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+#[tokio::test]
+async fn demo_runs_both_pipelines_then_serves_the_console_until_ctrl_c() {
+    let db = missing_database().await;
+    let cwd = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", common::emulators::free_port());
+    let mut child = demo(&db, cwd.path(), &["--listen", &listen])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Read until the demo says it is serving (or ends).
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            out.push_str(&line);
+            out.push('\n');
+            if line.starts_with("Serving the console") {
+                break;
+            }
+        }
+        out
+    });
+    let out = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    assert!(out.contains("(created)"), "{out}");
+    assert!(
+        out.contains("ezfocus_accounts   succeeded")
+            && out.contains("2700 rows into ezfocus.accounts_list"),
+        "{out}"
+    );
+    assert!(
+        out.contains("qashier_customers  succeeded")
+            && out.contains("987 rows into backoffice.customers"),
+        "{out}"
+    );
+    assert!(out.contains("extract object: file://"), "{out}");
+    assert!(
+        out.contains(&format!("console     http://{listen}/")),
+        "{out}"
+    );
+    assert!(
+        out.contains("Serving the console"),
+        "demo did not reach serving:\n{out}"
+    );
+
+    // The data is where the summary says.
+    let pool = PgPoolOptions::new().connect(&db.url).await.unwrap();
+    let accounts: i64 = sqlx::query_scalar("SELECT count(*) FROM ezfocus.accounts_list")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let customers: i64 = sqlx::query_scalar("SELECT count(*) FROM backoffice.customers")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!((accounts, customers), (2700, 987));
+
+    // The console and API answer with the token the demo wrote (and never printed).
+    let token = std::fs::read_to_string(cwd.path().join("crm-sync-demo/admin-token")).unwrap();
+    let token = token.trim();
+    assert!(!out.contains(token), "the token was printed");
+    let mode = std::fs::metadata(cwd.path().join("crm-sync-demo/admin-token"))
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap();
+    assert_eq!(mode, 0o600);
+    let client = reqwest::Client::new();
+    let page = client
+        .get(format!("http://{listen}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), reqwest::StatusCode::OK);
+    let runs: serde_json::Value = client
+        .get(format!("http://{listen}/api/runs?status=succeeded"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(runs["runs"].as_array().unwrap().len(), 2, "{runs}");
+
+    // The written config works with the other commands.
+    let config = cwd.path().join("crm-sync-demo/crm-sync.toml");
+    let (code, stdout, stderr) = common::run_binary(&config, &["runs"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("qashier_customers"), "{stdout}");
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "demo did not stop on Ctrl-C"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn without_chromium_the_demo_runs_ez_focus_and_says_how_to_install_it() {
+    let db = missing_database().await;
+    let cwd = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", common::emulators::free_port());
+    let out = demo(&db, cwd.path(), &["--listen", &listen, "--exit"])
+        .env("CHROMIUM", "/nonexistent/chromium")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Chromium    not found"), "{stdout}");
+    assert!(stdout.contains("apt-get install chromium"), "{stdout}");
+    assert!(stdout.contains("ezfocus_accounts   succeeded"), "{stdout}");
+    assert!(!stdout.contains("qashier_customers"), "{stdout}");
+    let config = std::fs::read_to_string(cwd.path().join("crm-sync-demo/crm-sync.toml")).unwrap();
+    assert!(!config.contains("name = \"qashier_customers\""), "{config}");
+}
