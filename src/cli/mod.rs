@@ -56,6 +56,18 @@ enum Command {
         after_help = "Examples:\n  crm-sync demo                      # DATABASE_URL or postgres://postgres@127.0.0.1:5432/crm_sync_demo\n  DATABASE_URL=postgres://me@db/crm_demo crm-sync demo --listen 127.0.0.1:9000\n  crm-sync demo --exit               # print the summary and stop"
     )]
     Demo(demo::DemoArgs),
+    /// Exit 0 when a crm-sync HTTP endpoint answers 200 (the container HEALTHCHECK; no curl needed).
+    #[command(
+        after_help = "Examples:\n  crm-sync healthcheck\n  crm-sync healthcheck --url http://127.0.0.1:9464/readyz"
+    )]
+    Healthcheck {
+        /// The URL to probe.
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Create or upgrade the crm_sync schema.
     #[command(
         after_help = "Example:\n  DATABASE_URL=postgres://postgres@127.0.0.1/crm_sync crm-sync migrate"
@@ -202,6 +214,9 @@ enum FixtureCommand {
         after_help = "Example:\n  crm-sync fixture ezfocus --port 8081 --rows 2700\n  curl -u fixture-user:fixture-password 'http://127.0.0.1:8081/api?key=00000000-0000-4000-8000-00000000a001&prov=ON&seg=&tpcl=SUCC,LRS,MED'"
     )]
     Ezfocus {
+        /// Address to bind (0.0.0.0 in a container).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
         #[arg(long, default_value_t = 8081)]
         port: u16,
         /// Accounts answered to the standard query (up to millions; streamed).
@@ -216,6 +231,9 @@ enum FixtureCommand {
         after_help = "Example:\n  crm-sync fixture qashier --port 8082\n  then open http://127.0.0.1:8082/#/login?redirect=/customer-management"
     )]
     Qashier {
+        /// Address to bind (0.0.0.0 in a container).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
         #[arg(long, default_value_t = 8082)]
         port: u16,
         /// Customers in the export.
@@ -304,9 +322,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Demo(args) = cli.command {
         return demo::run(args).await;
     }
+    if let Command::Healthcheck { url, timeout } = &cli.command {
+        return healthcheck(url, *timeout).await;
+    }
     let config = load_config(&cli)?;
     match cli.command {
-        Command::CheckConfig | Command::Fixture(_) | Command::Demo(_) => {
+        Command::CheckConfig
+        | Command::Fixture(_)
+        | Command::Demo(_)
+        | Command::Healthcheck { .. } => {
             unreachable!("handled above")
         }
         Command::Migrate => {
@@ -492,22 +516,47 @@ fn check_config(cli: &Cli) -> ExitCode {
     }
 }
 
+/// `crm-sync healthcheck`: one GET, exit 0 on 200; the reason on stderr otherwise.
+async fn healthcheck(url: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let client = reqwest::Client::builder().timeout(timeout).build()?;
+    match client.get(url).send().await {
+        Ok(resp) if resp.status().is_success() => Ok(ExitCode::SUCCESS),
+        Ok(resp) => {
+            eprintln!("unhealthy: {url} answered {}", resp.status());
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!(
+                "unhealthy: {url}: {:#}",
+                anyhow::Error::from(e.without_url())
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 async fn serve_fixture(fixture: FixtureCommand) -> anyhow::Result<ExitCode> {
     use crate::fixtures::{ezfocus, qashier};
-    let bind = |port: u16| async move {
-        tokio::net::TcpListener::bind(("127.0.0.1", port))
+    let bind = |host: std::net::IpAddr, port: u16| async move {
+        let addr = SocketAddr::new(host, port);
+        tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))
+            .with_context(|| format!("cannot listen on {addr}"))
     };
     match fixture {
-        FixtureCommand::Ezfocus { port, rows, seed } => {
+        FixtureCommand::Ezfocus {
+            host,
+            port,
+            rows,
+            seed,
+        } => {
             let cfg = ezfocus::EzFocusConfig {
                 rows,
                 seed,
                 ..ezfocus::EzFocusConfig::default()
             };
             let key = cfg.accounts_key().unwrap_or_default().to_string();
-            let server = ezfocus::EzFocusFixture::start(cfg, bind(port).await?).await?;
+            let server = ezfocus::EzFocusFixture::start(cfg, bind(host, port).await?).await?;
             println!(
                 "EZ Focus fixture at {}/api ({rows} accounts)",
                 server.base_url()
@@ -517,10 +566,11 @@ async fn serve_fixture(fixture: FixtureCommand) -> anyhow::Result<ExitCode> {
                 ezfocus::DEFAULT_USERNAME,
                 ezfocus::DEFAULT_PASSWORD
             );
-            tokio::signal::ctrl_c().await?;
+            stop_on_signal(CancellationToken::new()).await;
             server.stop().await;
         }
         FixtureCommand::Qashier {
+            host,
             port,
             rows,
             list_delay,
@@ -530,7 +580,7 @@ async fn serve_fixture(fixture: FixtureCommand) -> anyhow::Result<ExitCode> {
                 list_delay,
                 ..qashier::QashierConfig::default()
             };
-            let server = qashier::QashierFixture::start(cfg, bind(port).await?).await?;
+            let server = qashier::QashierFixture::start(cfg, bind(host, port).await?).await?;
             println!(
                 "Qashier fixture at {} ({rows} customers)",
                 server.login_url()
@@ -540,7 +590,7 @@ async fn serve_fixture(fixture: FixtureCommand) -> anyhow::Result<ExitCode> {
                 qashier::DEFAULT_USERNAME,
                 qashier::DEFAULT_PASSWORD
             );
-            tokio::signal::ctrl_c().await?;
+            stop_on_signal(CancellationToken::new()).await;
             server.stop().await;
         }
     }
