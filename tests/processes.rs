@@ -406,3 +406,58 @@ fn check_config_reports_every_problem_with_its_line_and_accepts_a_good_file() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot read the config file"), "{err}");
 }
+
+/// Every command and subcommand's `--help` ends with at least one example.
+#[test]
+fn every_command_help_has_an_example() {
+    fn commands(help: &str) -> Vec<String> {
+        help.split("Commands:")
+            .nth(1)
+            .map(|rest| {
+                rest.lines()
+                    .skip(1)
+                    .take_while(|l| l.starts_with("  "))
+                    .filter_map(|l| l.split_whitespace().next())
+                    .filter(|c| *c != "help")
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    fn check(path: &[String], checked: &mut Vec<String>) {
+        let out = Command::new(common::binary())
+            .args(path)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "crm-sync {path:?} --help failed");
+        assert!(
+            help.contains("Example"),
+            "`crm-sync {} --help` shows no example:\n{help}",
+            path.join(" ")
+        );
+        checked.push(path.join(" "));
+        for sub in commands(&help) {
+            let mut next = path.to_vec();
+            next.push(sub);
+            check(&next, checked);
+        }
+    }
+    let mut checked = Vec::new();
+    check(&[], &mut checked);
+    for expected in [
+        "demo",
+        "serve",
+        "worker",
+        "fixture ezfocus",
+        "bench queue",
+        "healthcheck",
+    ] {
+        assert!(
+            checked.iter().any(|c| c == expected),
+            "{expected} not checked: {checked:?}"
+        );
+    }
+    assert!(checked.len() >= 20, "{checked:?}");
+}

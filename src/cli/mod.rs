@@ -29,7 +29,7 @@ use crate::{db, history};
     name = "crm-sync",
     version,
     about = "Scheduled CRM-to-warehouse syncs on a durable PostgreSQL job queue",
-    after_help = "Examples:\n  crm-sync --config crm-sync.toml migrate\n  crm-sync serve\n  crm-sync run ezfocus_accounts --wait\n  crm-sync runs --status failed\n  crm-sync retry 0b6c2f1e-...\n\nDATABASE_URL overrides the config's database_url."
+    after_help = "Examples:\n  crm-sync demo                          # the whole product on this machine\n  crm-sync --config crm-sync.toml migrate\n  crm-sync serve\n  crm-sync run ezfocus_accounts --wait\n  crm-sync runs --status failed\n  crm-sync retry 0b6c2f1e-...\n\nDATABASE_URL overrides the config's database_url."
 )]
 pub struct Cli {
     /// The config file.
@@ -73,7 +73,8 @@ enum Command {
         after_help = "Example:\n  DATABASE_URL=postgres://postgres@127.0.0.1/crm_sync crm-sync migrate"
     )]
     Migrate,
-    /// Run the service: the HTTP API on [server] listen, workers and the scheduler, each switchable.
+    /// Run the service: console, HTTP API and metrics on [server] listen, workers, scheduler and
+    /// notifier, each switchable.
     #[command(
         after_help = "Examples:\n  crm-sync --config crm-sync.toml serve --concurrency 16\n  crm-sync serve --no-scheduler"
     )]
@@ -193,10 +194,16 @@ enum Command {
     )]
     CheckConfig,
     /// Serve a stand-in CRM (tests, the demo, trying a config) until Ctrl-C.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  crm-sync fixture ezfocus --port 8081\n  crm-sync fixture qashier --host 0.0.0.0 --port 8082"
+    )]
     Fixture(FixtureCommand),
     /// The project's own benchmarks; they print figures.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  crm-sync bench queue --jobs 20000\n  crm-sync bench pipeline --rows 100000"
+    )]
     Bench(BenchCommand),
 }
 
