@@ -173,3 +173,56 @@ async fn without_chromium_the_demo_runs_ez_focus_and_says_how_to_install_it() {
     let config = std::fs::read_to_string(cwd.path().join("crm-sync-demo/crm-sync.toml")).unwrap();
     assert!(!config.contains("name = \"qashier_customers\""), "{config}");
 }
+
+#[tokio::test]
+async fn with_gcp_settings_the_demo_also_loads_bigquery_through_gcs() {
+    let db = missing_database().await;
+    let gcs = common::emulators::FakeGcs::start().await;
+    let bq = common::emulators::BqEmulator::start(&gcs.root).await;
+    let cwd = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", common::emulators::free_port());
+    let out = demo(
+        &db,
+        cwd.path(),
+        &[
+            "--listen",
+            &listen,
+            "--exit",
+            "--gcp-project",
+            "demo-project",
+            "--gcs-bucket",
+            "demo-backups",
+            "--gcs-endpoint",
+            &gcs.endpoint(),
+            "--bigquery-endpoint",
+            &bq.base_url(),
+        ],
+    )
+    .env("CHROMIUM", "/nonexistent/chromium")
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ezfocus_accounts_gcp succeeded")
+            && stdout.contains("2700 rows into demo-project.crm_sync_demo.Accounts_List"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("extract object: gs://demo-backups/accounts/raw/"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ezfocus_accounts   succeeded"), "{stdout}");
+    // The raw answer really is in the bucket.
+    let raw = gcs.root.join("demo-backups/accounts/raw");
+    assert_eq!(
+        std::fs::read_dir(&raw).unwrap().count(),
+        1,
+        "{}",
+        raw.display()
+    );
+}

@@ -22,6 +22,9 @@ use crate::queue::{self, Trigger};
 /// Both reference pipelines as a team would run them (a test keeps this file in step with the
 /// single-pipeline examples).
 const EXAMPLE: &str = include_str!("../../examples/crm-sync.toml");
+/// EZ Focus into GCS and BigQuery, for `--gcp-project` / `--gcs-bucket`.
+const EXAMPLE_GCP: &str = include_str!("../../examples/ezfocus_gcp.toml");
+const EZFOCUS_GCP: &str = "ezfocus_accounts_gcp";
 /// The database used when `DATABASE_URL` is not set.
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/crm_sync_demo";
 const EZFOCUS: &str = "ezfocus_accounts";
@@ -41,6 +44,37 @@ pub struct DemoArgs {
     /// Print the summary and exit instead of serving until Ctrl-C.
     #[arg(long)]
     pub exit: bool,
+    #[command(flatten)]
+    pub gcp: DemoGcp,
+}
+
+/// Optionally also run EZ Focus into GCS and BigQuery (`examples/ezfocus_gcp.toml`): given a project
+/// and a bucket, with Application Default Credentials, or against the emulators with their endpoints.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoGcp {
+    /// Google Cloud project of the bucket and the BigQuery dataset.
+    #[arg(long, env = "CRM_SYNC_DEMO_GCP_PROJECT", requires = "gcs_bucket")]
+    pub gcp_project: Option<String>,
+    /// The GCS bucket for the raw and staged objects (created if missing).
+    #[arg(long, env = "CRM_SYNC_DEMO_GCS_BUCKET", requires = "gcp_project")]
+    pub gcs_bucket: Option<String>,
+    /// The BigQuery dataset (created if missing).
+    #[arg(long, default_value = "crm_sync_demo")]
+    pub bigquery_dataset: String,
+    /// A GCS emulator (fake-gcs-server) instead of Google: no credentials are sent.
+    #[arg(
+        long,
+        env = "CRM_SYNC_DEMO_GCS_ENDPOINT",
+        requires = "bigquery_endpoint"
+    )]
+    pub gcs_endpoint: Option<String>,
+    /// A BigQuery emulator (bqemulator) instead of Google: no credentials are sent.
+    #[arg(
+        long,
+        env = "CRM_SYNC_DEMO_BIGQUERY_ENDPOINT",
+        requires = "gcs_endpoint"
+    )]
+    pub bigquery_endpoint: Option<String>,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -92,7 +126,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
     }
 
-    let text = demo_config(
+    let mut text = demo_config(
         &ez,
         &qa,
         &secrets_dir,
@@ -101,6 +135,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         (!has_password).then_some(database_url.as_str()),
         chromium.is_some(),
     )?;
+    let with_gcp = args.gcp.gcp_project.is_some();
+    if with_gcp {
+        text.push_str(&gcp_pipeline(&args.gcp, &ez, &secrets_dir).await?);
+    }
     let config_path = dir.join("crm-sync.toml");
     std::fs::write(&config_path, &text)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
@@ -127,6 +165,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if chromium.is_some() {
         names.push(QASHIER);
     }
+    if with_gcp {
+        names.push(EZFOCUS_GCP);
+    }
     println!();
     let mut runs = Vec::new();
     for name in &names {
@@ -145,7 +186,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         print_run(&pool, *id).await?;
     }
     println!(
-        "\n  both pipelines ran in {:.1} s",
+        "\n  the demo runs took {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
@@ -217,6 +258,80 @@ fn demo_config(
     text.push_str(&format!("\n[server]\nlisten = \"{listen}\"\n\n"));
     text.push_str(&body);
     Ok(text)
+}
+
+/// `examples/ezfocus_gcp.toml`'s pipeline as `ezfocus_accounts_gcp`, on the demo's fixture, the given
+/// project, bucket and dataset; the bucket is created if missing.
+async fn gcp_pipeline(
+    gcp: &DemoGcp,
+    ez: &EzFocusFixture,
+    secrets_dir: &Path,
+) -> anyhow::Result<String> {
+    let (Some(project), Some(bucket)) = (&gcp.gcp_project, &gcp.gcs_bucket) else {
+        bail!("--gcp-project and --gcs-bucket go together");
+    };
+    let auth = if gcp.gcs_endpoint.is_some() {
+        crate::gcp::GcpAuth::Anonymous
+    } else {
+        crate::gcp::GcpAuth::ApplicationDefault
+    };
+    let store =
+        crate::gcp::gcs::GcsStore::new(gcp.gcs_endpoint.clone(), Some(project.clone()), auth)
+            .await
+            .context("connecting to GCS")?;
+    store
+        .ensure_bucket(bucket)
+        .await
+        .with_context(|| format!("creating the bucket {bucket}"))?;
+    let start = EXAMPLE_GCP
+        .find("[[pipelines]]")
+        .context("examples/ezfocus_gcp.toml has no pipeline")?;
+    let mut text = crate::fixtures::with_secret_files(
+        &EXAMPLE_GCP[start..],
+        secrets_dir,
+        &ezfocus::EXAMPLE_SECRETS,
+    )?
+    .replace(
+        "name = \"ezfocus_accounts\"",
+        &format!("name = \"{EZFOCUS_GCP}\""),
+    )
+    .replace("http://127.0.0.1:8081", &ez.base_url())
+    .replace("my-company-crm-backups", bucket)
+    .replace("my-gcp-project", project)
+    .replace(
+        "dataset = \"crm\"",
+        &format!("dataset = \"{}\"", gcp.bigquery_dataset),
+    );
+    if let (Some(gcs), Some(bq)) = (&gcp.gcs_endpoint, &gcp.bigquery_endpoint) {
+        text = text
+            .replace(
+                "credentials = \"application_default\"\n\n[pipelines.transform]",
+                &format!(
+                    "credentials = \"anonymous\"\nendpoint = \"{gcs}\"\n\n[pipelines.transform]"
+                ),
+            )
+            .replace(
+                "table = \"Accounts_List\"\ncredentials = \"application_default\"",
+                &format!(
+                    "table = \"Accounts_List\"\ncredentials = \"anonymous\"\nendpoint = \"{bq}\""
+                ),
+            );
+        if text.contains("application_default") {
+            bail!(
+                "examples/ezfocus_gcp.toml changed shape: the emulator endpoints could not be set"
+            );
+        }
+    }
+    println!(
+        "  GCP         EZ Focus also into gs://{bucket} and BigQuery {project}.{}.Accounts_List{}",
+        gcp.bigquery_dataset,
+        if gcp.gcs_endpoint.is_some() {
+            " (emulators)"
+        } else {
+            ""
+        }
+    );
+    Ok(format!("\n{text}"))
 }
 
 /// The admin token: `CRM_SYNC_ADMIN_TOKENS`'s first one if set, else the one kept in
