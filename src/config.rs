@@ -822,6 +822,12 @@ fn check_pipeline(
     {
         bad("destination", message);
     }
+    if let (Some(d), Some(t)) = (&p.destination, &p.transform) {
+        let columns: Vec<String> = t.columns.iter().map(|c| c.name.clone()).collect();
+        if let Err(message) = d.check_columns(&columns) {
+            bad("destination", message);
+        }
+    }
     if matches!(p.destination, Some(DestinationConfig::Bigquery { .. }))
         && !matches!(p.backup, BackupConfig::Gcs { .. })
     {

@@ -36,7 +36,7 @@ async fn sign_in(page: &Page, token: &str) {
     wait_for(
         page,
         "document.querySelector('#token')",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the sign-in form",
     )
     .await;
@@ -45,7 +45,7 @@ async fn sign_in(page: &Page, token: &str) {
     wait_for(
         page,
         "document.querySelector('tr[data-pipeline=\"noop\"]')",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the pipelines page",
     )
     .await;
@@ -88,7 +88,7 @@ async fn admin_runs_a_pipeline_and_watches_it_live_then_retries_a_failure() {
     wait_for(
         &page,
         "document.querySelector('#token')",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "sign-in",
     )
     .await;
@@ -98,7 +98,7 @@ async fn admin_runs_a_pipeline_and_watches_it_live_then_retries_a_failure() {
     wait_for(
         &page,
         "document.querySelector('#signin-error').textContent.includes('not accepted')",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the refusal",
     )
     .await;
@@ -129,12 +129,12 @@ async fn admin_runs_a_pipeline_and_watches_it_live_then_retries_a_failure() {
         .await
         .unwrap();
     click(&page, "button.run-now[data-pipeline=\"noop\"]").await;
-    wait_for(&page, RUN_STATUS, Duration::from_secs(10), "the run page").await;
+    wait_for(&page, RUN_STATUS, Duration::from_secs(30), "the run page").await;
     let first: String = js(&page, RUN_STATUS).await;
     assert_eq!(first, "queued", "no worker yet: the run waits");
     screenshot(&page, "03-run-queued").await;
     let worker = RunningWorker::start(&db, &config).await;
-    let seen = watch_statuses(&page, "succeeded", Duration::from_secs(20)).await;
+    let seen = watch_statuses(&page, "succeeded", Duration::from_secs(40)).await;
     assert_eq!(
         seen,
         ["queued", "running", "succeeded"],
@@ -152,7 +152,7 @@ async fn admin_runs_a_pipeline_and_watches_it_live_then_retries_a_failure() {
     wait_for(
         &page,
         "document.querySelector('tr[data-step=\"noop\"] .badge').dataset.status === 'succeeded'",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the step row",
     )
     .await;
@@ -163,16 +163,16 @@ async fn admin_runs_a_pipeline_and_watches_it_live_then_retries_a_failure() {
     wait_for(
         &page,
         "document.querySelector('button.run-now[data-pipeline=\"broken\"]')",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "pipelines",
     )
     .await;
     click(&page, "button.run-now[data-pipeline=\"broken\"]").await;
-    watch_statuses(&page, "failed", Duration::from_secs(20)).await;
+    watch_statuses(&page, "failed", Duration::from_secs(40)).await;
     wait_for(
         &page,
         "document.querySelector('#run-error')",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the run error",
     )
     .await;
@@ -189,11 +189,11 @@ async fn admin_runs_a_pipeline_and_watches_it_live_then_retries_a_failure() {
     wait_for(
         &page,
         "document.querySelector('#run-header')?.innerText.includes('Retry of')",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the retry run's page",
     )
     .await;
-    let seen = watch_statuses(&page, "succeeded", Duration::from_secs(20)).await;
+    let seen = watch_statuses(&page, "succeeded", Duration::from_secs(40)).await;
     assert_eq!(seen.last().map(String::as_str), Some("succeeded"));
     screenshot(&page, "06-retry-succeeded").await;
 
@@ -202,7 +202,7 @@ async fn admin_runs_a_pipeline_and_watches_it_live_then_retries_a_failure() {
     wait_for(
         &page,
         "document.querySelectorAll('#runs tr[data-run]').length === 3",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "three runs",
     )
     .await;
@@ -215,7 +215,7 @@ async fn admin_runs_a_pipeline_and_watches_it_live_then_retries_a_failure() {
     wait_for(
         &page,
         "document.querySelectorAll('#runs tr[data-run]').length === 1",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the failed filter",
     )
     .await;
@@ -231,7 +231,7 @@ async fn admin_runs_a_pipeline_and_watches_it_live_then_retries_a_failure() {
     wait_for(
         &page,
         "document.querySelector('tr[data-pipeline=\"noop\"]')",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "pipelines",
     )
     .await;
@@ -275,7 +275,7 @@ async fn a_read_only_token_sees_everything_but_no_buttons() {
     page.goto(format!("{}/runs/{run}", console.base))
         .await
         .unwrap();
-    wait_for(&page, RUN_STATUS, Duration::from_secs(10), "the run page").await;
+    wait_for(&page, RUN_STATUS, Duration::from_secs(30), "the run page").await;
     assert_eq!(js::<String>(&page, RUN_STATUS).await, "failed");
     let buttons: i64 = js(&page, "document.querySelectorAll('main button').length").await;
     assert_eq!(
@@ -291,7 +291,7 @@ async fn a_read_only_token_sees_everything_but_no_buttons() {
     wait_for(
         &page,
         "document.querySelector('#token')",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "sign-in",
     )
     .await;
@@ -376,7 +376,7 @@ async fn a_pipeline_run_shows_rows_and_backups_the_runs_page_pages_and_cancel_st
     wait_for(
         &page,
         "document.querySelector('#token')",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "sign-in",
     )
     .await;
@@ -385,7 +385,7 @@ async fn a_pipeline_run_shows_rows_and_backups_the_runs_page_pages_and_cancel_st
     wait_for(
         &page,
         "document.querySelector('tr[data-pipeline]')",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "pipelines",
     )
     .await;
@@ -397,7 +397,7 @@ async fn a_pipeline_run_shows_rows_and_backups_the_runs_page_pages_and_cancel_st
     wait_for(
         &page,
         "document.querySelector('tr[data-step=\"load\"]')",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the steps",
     )
     .await;
@@ -443,7 +443,7 @@ async fn a_pipeline_run_shows_rows_and_backups_the_runs_page_pages_and_cancel_st
     wait_for(
         &page,
         "document.querySelectorAll('#runs tr[data-run]').length === 25",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "a full page",
     )
     .await;
@@ -451,7 +451,7 @@ async fn a_pipeline_run_shows_rows_and_backups_the_runs_page_pages_and_cancel_st
     wait_for(
         &page,
         "document.querySelectorAll('#runs tr[data-run]').length === 6",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the older page",
     )
     .await;
@@ -484,7 +484,7 @@ async fn a_pipeline_run_shows_rows_and_backups_the_runs_page_pages_and_cancel_st
     wait_for(
         &page,
         "document.querySelector('#action-cancel')",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "Cancel",
     )
     .await;
@@ -492,7 +492,7 @@ async fn a_pipeline_run_shows_rows_and_backups_the_runs_page_pages_and_cancel_st
     wait_for(
         &page,
         &format!("{RUN_STATUS} === 'cancelled' && document.querySelector('#action-retry') && document.querySelector('#action-rerun') && !document.querySelector('#action-cancel')"),
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the cancelled run with Retry and Rerun",
     )
     .await;

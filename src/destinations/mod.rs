@@ -25,6 +25,20 @@ pub enum DestinationConfig {
         /// run when the table is missing. Default: generated from the transform's columns.
         #[serde(default)]
         create_table: Option<String>,
+        /// `replace` (the whole table, atomically) or `merge` (by `key`: insert new rows, update
+        /// changed ones, leave unchanged ones alone, soft-delete the missing ones).
+        #[serde(default)]
+        write: WriteMode,
+        /// The merge key: one or more of the transform's columns.
+        #[serde(default)]
+        key: Vec<String>,
+        /// What a merge does with rows missing from the batch.
+        #[serde(default)]
+        deletes: DeleteMode,
+        /// A merge that would delete more than this share of the live rows fails (terminal): a
+        /// truncated extract must not delete the table.
+        #[serde(default = "default_max_delete_share")]
+        max_delete_share: f64,
     },
     /// A BigQuery table, replaced by one load job (WRITE_TRUNCATE) from the batch staged in GCS.
     Bigquery {
@@ -39,15 +53,104 @@ pub enum DestinationConfig {
     },
 }
 
+/// How a load writes its batch.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMode {
+    /// The table becomes exactly the batch, atomically.
+    #[default]
+    Replace,
+    /// Rows are inserted, updated or deleted by key; unchanged rows are not touched.
+    Merge,
+}
+
+/// What a merge does with rows that are no longer in the extract.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteMode {
+    /// Keep them, with `deleted_at` and `deleted_in_batch` set.
+    #[default]
+    Soft,
+    /// Remove them.
+    Hard,
+}
+
+fn default_max_delete_share() -> f64 {
+    0.5
+}
+
+/// The settings of a merge load.
+#[derive(Debug, Clone)]
+pub struct MergeSettings {
+    pub key: Vec<String>,
+    pub deletes: DeleteMode,
+    pub max_delete_share: f64,
+}
+
 impl DestinationConfig {
+    /// The merge settings when the destination merges, `None` for a full replace.
+    pub fn merge(&self) -> Option<MergeSettings> {
+        match self {
+            DestinationConfig::Postgres {
+                write: WriteMode::Merge,
+                key,
+                deletes,
+                max_delete_share,
+                ..
+            } => Some(MergeSettings {
+                key: key.clone(),
+                deletes: *deletes,
+                max_delete_share: *max_delete_share,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Checks the settings that depend on the transform's columns.
+    pub fn check_columns(&self, columns: &[String]) -> Result<(), String> {
+        if let Some(m) = self.merge() {
+            for k in &m.key {
+                if !columns.contains(k) {
+                    return Err(format!(
+                        "merge key column \"{k}\" is not one of the transform's columns"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn check(&self) -> Result<(), String> {
         match self {
             DestinationConfig::Postgres {
                 table,
                 url,
                 create_table,
+                write,
+                key,
+                max_delete_share,
+                ..
             } => {
                 postgres::split_table(table)?;
+                match write {
+                    WriteMode::Merge if key.is_empty() => {
+                        return Err("write = \"merge\" needs a key: key = [\"column\", ...]".into());
+                    }
+                    WriteMode::Replace if !key.is_empty() => {
+                        return Err("key only applies to write = \"merge\"".into());
+                    }
+                    _ => {}
+                }
+                if let Some(bad) = key.iter().find(|k| !crate::transform::is_identifier(k)) {
+                    return Err(format!(
+                        "merge key column \"{bad}\" is not a plain identifier"
+                    ));
+                }
+                if !(*max_delete_share > 0.0 && *max_delete_share <= 1.0) {
+                    return Err(format!(
+                        "max_delete_share must be above 0 and at most 1, not {max_delete_share}"
+                    ));
+                }
                 if let Some(ddl) = create_table
                     && !ddl
                         .trim_start()

@@ -4,11 +4,18 @@
 //! transaction: a worker that lost its lease rolls its load back, and a load is never recorded twice.
 //! (Two workers loading at once after a takeover serialise on the table's row locks; the stale one's
 //! completion is refused and its transaction rolled back.)
+//!
+//! With `write = "merge"` the batch is copied into a temporary table and merged by key in the same
+//! one transaction: new keys inserted, changed rows (by a content hash kept in `row_hash`) updated,
+//! unchanged rows left alone, keys missing from the batch soft-deleted (`deleted_at`,
+//! `deleted_in_batch`) or deleted. Every row keeps the `batch_id` of the batch that last changed it
+//! and the `first_seen_batch` that brought it.
 
 use serde_json::{Map, Value, json};
 use sqlx::{Connection, PgConnection};
 use tokio::io::AsyncBufReadExt;
 
+use super::{DeleteMode, MergeSettings};
 use crate::pipeline::{StepContext, StepDone, StepError};
 use crate::schema::ColumnType;
 use crate::secrets::SecretRef;
@@ -41,7 +48,11 @@ impl Columns<'_> {
             .collect()
     }
 
-    fn ddl(&self, schema: &str, table: &str) -> String {
+    fn data_names(&self) -> Vec<&str> {
+        self.data.iter().map(|(n, _)| *n).collect()
+    }
+
+    fn ddl(&self, schema: &str, table: &str, merge: Option<&MergeSettings>) -> String {
         let mut cols: Vec<String> = self
             .data
             .iter()
@@ -49,6 +60,10 @@ impl Columns<'_> {
             .collect();
         cols.push(format!("{} text NOT NULL", self.batch));
         cols.push(format!("{} timestamptz NOT NULL", self.timestamp));
+        if merge.is_some() {
+            // The key gets a unique index of its own (also on tables made by `create_table`).
+            cols.extend(MERGE_COLUMNS.iter().map(|(n, t)| format!("{n} {t}")));
+        }
         format!(
             "CREATE TABLE IF NOT EXISTS {schema}.{table} ({})",
             cols.join(", ")
@@ -56,12 +71,32 @@ impl Columns<'_> {
     }
 }
 
-/// Replaces the table's rows with the staging object's, atomically; see the module docs.
+/// The bookkeeping columns of a merged table.
+const MERGE_COLUMNS: [(&str, &str); 4] = [
+    ("first_seen_batch", "text"),
+    ("row_hash", "text"),
+    ("deleted_at", "timestamptz"),
+    ("deleted_in_batch", "text"),
+];
+
+/// What a merge did.
+#[derive(Debug, Default)]
+struct MergeCounts {
+    inserted: i64,
+    updated: i64,
+    unchanged: i64,
+    deleted: i64,
+}
+
+/// Writes the staging object's rows into the table, atomically: a full replace, or a merge by key
+/// when `merge` is given; see the module docs.
+#[allow(clippy::too_many_arguments)]
 pub async fn load(
     table: &str,
     url: Option<&SecretRef>,
     create_table: Option<&str>,
     columns: &Columns<'_>,
+    merge: Option<&MergeSettings>,
     staging: &std::path::Path,
     expected_rows: u64,
     ctx: &StepContext,
@@ -110,9 +145,33 @@ pub async fn load(
         .map_err(load_error)?;
     let mut statements = vec![format!("CREATE SCHEMA IF NOT EXISTS {schema}")];
     if !exists {
-        statements.push(create_table.map_or_else(|| columns.ddl(&schema, &name), str::to_string));
+        statements
+            .push(create_table.map_or_else(|| columns.ddl(&schema, &name, merge), str::to_string));
     }
-    statements.push(format!("DELETE FROM {schema}.{name}"));
+    let target = format!("{schema}.{name}");
+    let copy_into = match merge {
+        None => {
+            statements.push(format!("DELETE FROM {target}"));
+            target.clone()
+        }
+        Some(m) => {
+            // A table made by `create_table` or by an earlier replace gets what a merge needs.
+            for (col, ty) in MERGE_COLUMNS {
+                statements.push(format!(
+                    "ALTER TABLE {target} ADD COLUMN IF NOT EXISTS {col} {ty}"
+                ));
+            }
+            statements.push(format!(
+                "CREATE UNIQUE INDEX IF NOT EXISTS {name}_merge_key ON {target} ({})",
+                m.key.join(", ")
+            ));
+            statements.push(format!(
+                "CREATE TEMP TABLE crm_sync_merge_stage ON COMMIT DROP AS SELECT {} FROM {target} WITH NO DATA",
+                columns.names().join(", ")
+            ));
+            "crm_sync_merge_stage".to_string()
+        }
+    };
     for sql in statements {
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .execute(&mut *tx)
@@ -120,7 +179,7 @@ pub async fn load(
             .map_err(load_error)?;
     }
     let copy = format!(
-        "COPY {schema}.{name} ({}) FROM STDIN WITH (FORMAT csv)",
+        "COPY {copy_into} ({}) FROM STDIN WITH (FORMAT csv)",
         columns.names().join(", ")
     );
     let mut sink = tx.copy_in_raw(&copy).await.map_err(load_error)?;
@@ -157,8 +216,19 @@ pub async fn load(
             "loaded {copied} rows but the batch has {expected_rows}; rolled back"
         )));
     }
-    let output =
-        json!({ "table": format!("{schema}.{name}"), "rows": copied, "batch_id": ctx.batch_id });
+    let output = match merge {
+        None => {
+            json!({ "table": target, "rows": copied, "batch_id": ctx.batch_id, "write": "replace" })
+        }
+        Some(m) => {
+            let c = merge_stage(&mut tx, &target, columns, m, &ctx.batch_id).await?;
+            json!({
+                "table": target, "rows": copied, "batch_id": ctx.batch_id, "write": "merge",
+                "inserted": c.inserted, "updated": c.updated, "unchanged": c.unchanged,
+                "deleted": c.deleted,
+            })
+        }
+    };
     if same_database {
         let accepted: Vec<i64> =
             sqlx::query_scalar("SELECT * FROM crm_sync.complete_steps($1, $2, $3, $4)")
@@ -180,6 +250,111 @@ pub async fn load(
         StepDone::Committed(output)
     } else {
         StepDone::Output(output)
+    })
+}
+
+/// Merges `crm_sync_merge_stage` into `target` by key, inside the load's transaction.
+async fn merge_stage(
+    tx: &mut PgConnection,
+    target: &str,
+    columns: &Columns<'_>,
+    m: &MergeSettings,
+    batch_id: &str,
+) -> Result<MergeCounts, StepError> {
+    let key_match = m
+        .key
+        .iter()
+        .map(|k| format!("s.{k} = t.{k}"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let missing = format!(
+        "t.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM crm_sync_merge_stage s WHERE {key_match})"
+    );
+    // The validate step refuses duplicate keys; checked again here, where a duplicate would corrupt.
+    let keys = m.key.join(", ");
+    let duplicates: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT concat_ws('+', {keys}) FROM crm_sync_merge_stage GROUP BY {keys} HAVING count(*) > 1 LIMIT 5"
+    )))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(load_error)?;
+    if !duplicates.is_empty() {
+        return Err(StepError::terminal(format!(
+            "duplicate merge keys in the batch ({keys}): {}; nothing was changed",
+            duplicates.join(", ")
+        )));
+    }
+    // The deletion guard: a truncated extract must not delete (or soft-delete) the table.
+    let (live, to_delete): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FILTER (WHERE t.deleted_at IS NULL),
+                count(*) FILTER (WHERE {missing})
+           FROM {target} t"
+    )))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(load_error)?;
+    if live > 0 && to_delete as f64 > m.max_delete_share * live as f64 {
+        return Err(StepError::terminal(format!(
+            "the merge would delete {to_delete} of {live} live rows ({:.0} %), more than max_delete_share              ({:.0} %); nothing was changed (is the extract truncated?)",
+            to_delete as f64 * 100.0 / live as f64,
+            m.max_delete_share * 100.0
+        )));
+    }
+    let data = columns.data_names();
+    let hash = format!(
+        "md5(row({})::text)",
+        data.iter()
+            .map(|c| format!("s.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let all = columns.names();
+    let updates = data
+        .iter()
+        .chain([&columns.batch, &columns.timestamp])
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (inserted, updated): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH up AS (
+             INSERT INTO {target} AS t ({cols}, first_seen_batch, row_hash, deleted_at, deleted_in_batch)
+             SELECT {scols}, s.{batch}, {hash}, NULL, NULL FROM crm_sync_merge_stage s
+             ON CONFLICT ({key}) DO UPDATE
+                SET {updates}, row_hash = EXCLUDED.row_hash, deleted_at = NULL, deleted_in_batch = NULL,
+                    first_seen_batch = coalesce(t.first_seen_batch, EXCLUDED.first_seen_batch)
+              WHERE t.row_hash IS DISTINCT FROM EXCLUDED.row_hash OR t.deleted_at IS NOT NULL
+             RETURNING (xmax = 0) AS inserted)
+         SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up",
+        cols = all.join(", "),
+        scols = all.iter().map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", "),
+        batch = columns.batch,
+        key = m.key.join(", "),
+    )))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(load_error)?;
+    let staged: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_sync_merge_stage")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(load_error)?;
+    let deleted = match m.deletes {
+        DeleteMode::Soft => sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {target} t SET deleted_at = now(), deleted_in_batch = $1 WHERE {missing}"
+        )))
+        .bind(batch_id),
+        DeleteMode::Hard => sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {target} t WHERE {missing}"
+        ))),
+    }
+    .execute(&mut *tx)
+    .await
+    .map_err(load_error)?
+    .rows_affected() as i64;
+    Ok(MergeCounts {
+        inserted,
+        updated,
+        unchanged: staged - inserted - updated,
+        deleted,
     })
 }
 

@@ -35,7 +35,12 @@ pub fn step_names(pipeline: &PipelineConfig) -> Vec<String> {
     if pipeline.transform.is_some() {
         steps.push(TRANSFORM);
     }
-    if pipeline.validate.is_some() {
+    // A merge always passes the gate: its keys must be present and unique.
+    let merges = pipeline
+        .destination
+        .as_ref()
+        .is_some_and(|d| d.merge().is_some());
+    if pipeline.validate.is_some() || merges {
         steps.push(VALIDATE);
     }
     if pipeline.destination.is_some() {

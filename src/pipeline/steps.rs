@@ -139,7 +139,18 @@ pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<V
 }
 
 pub async fn validate(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Value, StepError> {
-    let config = pipeline.validate.clone().unwrap_or_default();
+    let mut config = pipeline.validate.clone().unwrap_or_default();
+    // A merge needs every key present and unique in the batch: the gate says which keys are not.
+    if let Some(m) = pipeline.destination.as_ref().and_then(|d| d.merge()) {
+        for rule in [validate::Rule::NotNull, validate::Rule::Unique] {
+            config.checks.push(validate::Check {
+                columns: m.key.clone(),
+                rule,
+                severity: validate::Severity::Error,
+                max_violations: 0,
+            });
+        }
+    }
     let staging_copy =
         backup::local_copy(input_str(ctx, TRANSFORM, "object")?, &pipeline.backup).await?;
     let staging = staging_copy.path.clone();
@@ -182,6 +193,7 @@ pub async fn load(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<StepDo
             table,
             url,
             create_table,
+            ..
         }) => {
             let staging = backup::local_copy(staging_uri, &pipeline.backup).await?;
             let columns = postgres::Columns {
@@ -194,6 +206,11 @@ pub async fn load(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<StepDo
                 url.as_ref(),
                 create_table.as_deref(),
                 &columns,
+                pipeline
+                    .destination
+                    .as_ref()
+                    .and_then(|d| d.merge())
+                    .as_ref(),
                 &staging.path,
                 rows,
                 ctx,

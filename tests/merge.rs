@@ -1,0 +1,264 @@
+//! `write = "merge"` into PostgreSQL: successive batches with known inserts, updates and deletions
+//! give exact counts and the exact final table; the same batch again changes nothing; duplicate or
+//! missing keys fail validation naming them; a truncated extract trips the deletion guard.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::routing::get;
+use common::TestDb;
+use serde_json::{Value, json};
+
+/// A source whose answer the test sets before each run.
+struct Source {
+    base: String,
+    answer: Arc<Mutex<Value>>,
+}
+
+async fn source() -> Source {
+    let answer = Arc::new(Mutex::new(json!([])));
+    let app = axum::Router::new()
+        .route(
+            "/accounts",
+            get(
+                |State(a): State<Arc<Mutex<Value>>>| async move { Json(a.lock().unwrap().clone()) },
+            ),
+        )
+        .with_state(answer.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Source { base, answer }
+}
+
+fn accounts(ids: std::ops::Range<u32>, edited: &[u32]) -> Value {
+    Value::Array(
+        ids.map(|i| {
+            let city = if edited.contains(&i) {
+                "Ottawa"
+            } else {
+                "Toronto"
+            };
+            json!({ "id": i, "name": format!("Store {i}"), "city": city })
+        })
+        .collect(),
+    )
+}
+
+fn config(base: &str, backups: &std::path::Path, deletes: &str) -> String {
+    format!(
+        r#"
+[worker]
+poll_interval = "100ms"
+
+[[pipelines]]
+name = "accounts"
+retry_backoff = "50ms"
+
+[pipelines.source]
+kind = "http_json"
+url = "{base}/accounts"
+
+[pipelines.backup]
+kind = "local"
+dir = "{backups}"
+path = "raw/accounts_{{date}}_{{time}}.json"
+
+[pipelines.transform]
+kind = "json"
+columns = [
+  {{ name = "store_id", from = "id", type = "string" }},
+  {{ name = "store_name", from = "name", type = "string" }},
+  {{ name = "city", type = "string" }},
+]
+
+[pipelines.destination]
+kind = "postgres"
+table = "crm.accounts"
+write = "merge"
+key = ["store_id"]
+deletes = "{deletes}"
+max_delete_share = 0.3
+"#,
+        backups = backups.display()
+    )
+}
+
+async fn run(db: &TestDb, config: &crm_sync::config::Config) -> (String, Value) {
+    let (run, status) = common::run_pipeline(db, config, "accounts", Duration::from_secs(60)).await;
+    // The load's output, or the run's error.
+    let output: Value = sqlx::query_scalar(
+        "SELECT coalesce(
+                    (SELECT output FROM crm_sync.steps WHERE run_id = r.id AND name = 'load'),
+                    jsonb_build_object('error', r.error))
+           FROM crm_sync.runs r WHERE r.id = $1",
+    )
+    .bind(run)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    (status, output)
+}
+
+fn counts(output: &Value) -> [i64; 4] {
+    ["inserted", "updated", "unchanged", "deleted"].map(|k| output[k].as_i64().unwrap_or(-1))
+}
+
+#[tokio::test]
+async fn successive_batches_insert_update_leave_alone_and_soft_delete_by_key() {
+    let db = TestDb::new().await;
+    let src = source().await;
+    let backups = tempfile::tempdir().unwrap();
+    let config = db.config(&config(&src.base, backups.path(), "soft")).await;
+
+    // Batch 1: 100 new rows.
+    *src.answer.lock().unwrap() = accounts(0..100, &[]);
+    let (status, out) = run(&db, &config).await;
+    assert_eq!(status, "succeeded", "{out}");
+    assert_eq!(counts(&out), [100, 0, 0, 0], "{out}");
+    let batch1: String = sqlx::query_scalar("SELECT batch_id FROM crm.accounts LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+
+    // Batch 2: 3 rows changed, 10 gone (0..10), 5 new (100..105).
+    *src.answer.lock().unwrap() = accounts(10..105, &[20, 30, 40]);
+    let (status, out) = run(&db, &config).await;
+    assert_eq!(status, "succeeded", "{out}");
+    assert_eq!(counts(&out), [5, 3, 87, 10], "{out}");
+    let batch2 = out["batch_id"].as_str().unwrap().to_string();
+
+    // The table: every key once; the changed rows carry batch 2, the others batch 1; the first batch
+    // that saw each row; the missing ones soft-deleted in batch 2.
+    let rows: Vec<(String, String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT store_id, city, batch_id, first_seen_batch, deleted_in_batch FROM crm.accounts ORDER BY store_id::int",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 105);
+    for (id, city, batch, first, deleted) in &rows {
+        let i: u32 = id.parse().unwrap();
+        let changed = [20, 30, 40].contains(&i);
+        assert_eq!(city, if changed { "Ottawa" } else { "Toronto" }, "{id}");
+        let expected_batch = if changed || i >= 100 {
+            &batch2
+        } else {
+            &batch1
+        };
+        assert_eq!(batch, expected_batch, "{id}");
+        assert_eq!(first, if i >= 100 { &batch2 } else { &batch1 }, "{id}");
+        assert_eq!(deleted.as_ref(), (i < 10).then_some(&batch2), "{id}");
+    }
+
+    // The same answer again: nothing changes.
+    let (status, out) = run(&db, &config).await;
+    assert_eq!(status, "succeeded", "{out}");
+    assert_eq!(counts(&out), [0, 0, 95, 0], "{out}");
+
+    // A soft-deleted key that comes back is revived (an update).
+    *src.answer.lock().unwrap() = accounts(5..105, &[20, 30, 40]);
+    let (_, out) = run(&db, &config).await;
+    assert_eq!(counts(&out), [0, 5, 95, 0], "{out}");
+    let live: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM crm.accounts WHERE deleted_at IS NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(live, 100);
+}
+
+#[tokio::test]
+async fn the_deletion_guard_and_key_validation_leave_the_table_unchanged() {
+    let db = TestDb::new().await;
+    let src = source().await;
+    let backups = tempfile::tempdir().unwrap();
+    let config = db.config(&config(&src.base, backups.path(), "hard")).await;
+    *src.answer.lock().unwrap() = accounts(0..100, &[]);
+    assert_eq!(run(&db, &config).await.0, "succeeded");
+    let snapshot = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT string_agg(store_id || city || batch_id, ',' ORDER BY store_id) FROM crm.accounts",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let before = snapshot().await;
+
+    // Half the rows missing: more than max_delete_share (30 %).
+    *src.answer.lock().unwrap() = accounts(0..50, &[1]);
+    let (status, out) = run(&db, &config).await;
+    assert_eq!(status, "failed");
+    let error = out["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains("would delete 50 of 100 live rows"),
+        "{error}"
+    );
+    assert_eq!(snapshot().await, before);
+
+    // Duplicate keys in one batch: a validation error naming them.
+    let mut dup = accounts(0..100, &[]);
+    dup.as_array_mut()
+        .unwrap()
+        .push(json!({"id": 7, "name": "Again", "city": "Hull"}));
+    *src.answer.lock().unwrap() = dup;
+    let (status, out) = run(&db, &config).await;
+    assert_eq!(status, "failed");
+    let error = out["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains("duplicate store_id") && error.contains('7'),
+        "{error}"
+    );
+    assert_eq!(snapshot().await, before);
+
+    // Hard deletes remove the missing rows.
+    *src.answer.lock().unwrap() = accounts(0..90, &[]);
+    let (status, out) = run(&db, &config).await;
+    assert_eq!(status, "succeeded", "{out}");
+    assert_eq!(counts(&out), [0, 0, 90, 10]);
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM crm.accounts")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 90);
+}
+
+#[test]
+fn merge_settings_are_checked_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("write = \"merge\"\n", "needs a key"),
+        (
+            "write = \"merge\"\nkey = [\"nope\"]\n",
+            "merge key column \"nope\" is not one of",
+        ),
+        (
+            "key = [\"store_id\"]\n",
+            "key only applies to write = \"merge\"",
+        ),
+        (
+            "write = \"merge\"\nkey = [\"store_id\"]\nmax_delete_share = 2.0\n",
+            "max_delete_share",
+        ),
+        ("write = \"upsert\"\n", "unknown variant"),
+    ];
+    for (extra, expected) in cases {
+        let text = config("http://127.0.0.1:1", dir.path(), "soft").replace(
+            "write = \"merge\"\nkey = [\"store_id\"]\ndeletes = \"soft\"\nmax_delete_share = 0.3\n",
+            extra,
+        );
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let (code, out, err) = common::run_binary(&path, &["check-config"]);
+        assert_ne!(code, 0, "{extra}");
+        assert!(
+            format!("{out}{err}").contains(expected),
+            "{extra}: {out}{err}"
+        );
+    }
+}
