@@ -113,7 +113,8 @@ async fn successive_batches_insert_update_leave_alone_and_soft_delete_by_key() {
     let db = TestDb::new().await;
     let src = source().await;
     let backups = tempfile::tempdir().unwrap();
-    let config = db.config(&config(&src.base, backups.path(), "soft")).await;
+    let config_text = config(&src.base, backups.path(), "soft");
+    let config = db.config(&config_text).await;
 
     // Batch 1: 100 new rows.
     *src.answer.lock().unwrap() = accounts(0..100, &[]);
@@ -160,10 +161,51 @@ async fn successive_batches_insert_update_leave_alone_and_soft_delete_by_key() {
     assert_eq!(status, "succeeded", "{out}");
     assert_eq!(counts(&out), [0, 0, 95, 0], "{out}");
 
-    // A soft-deleted key that comes back is revived (an update).
+    // A soft-deleted key that comes back is revived (an update); the counts reach the metrics and
+    // `crm-sync show`.
     *src.answer.lock().unwrap() = accounts(5..105, &[20, 30, 40]);
-    let (_, out) = run(&db, &config).await;
+    let metrics = crm_sync::metrics::Metrics::new();
+    let worker = common::RunningWorker::start_with_metrics(&db, &config, metrics.clone()).await;
+    let id = crm_sync::queue::enqueue(
+        &db.pool,
+        "accounts",
+        &json!({}),
+        None,
+        crm_sync::queue::Trigger::Api,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        common::wait_for_run(&db.pool, id, Duration::from_secs(60)).await,
+        "succeeded"
+    );
+    worker.stop().await;
+    let out: Value =
+        sqlx::query_scalar("SELECT output FROM crm_sync.steps WHERE run_id = $1 AND name = 'load'")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(counts(&out), [0, 5, 95, 0], "{out}");
+    let text = metrics.render();
+    for (change, n) in [
+        ("inserted", 0),
+        ("updated", 5),
+        ("unchanged", 95),
+        ("deleted", 0),
+    ] {
+        let line =
+            format!("crm_sync_merge_rows_total{{change=\"{change}\",pipeline=\"accounts\"}} {n}");
+        assert!(text.contains(&line), "{line} missing:\n{text}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = common::write_config(dir.path(), &db, &config_text);
+    let (code, stdout, stderr) = common::run_binary(&file, &["show", &id.to_string()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("merge  0 inserted, 5 updated, 95 unchanged, 0 deleted"),
+        "{stdout}"
+    );
     let live: i64 =
         sqlx::query_scalar("SELECT count(*) FROM crm.accounts WHERE deleted_at IS NULL")
             .fetch_one(&db.pool)

@@ -92,6 +92,12 @@ pub fn print_run(d: &RunDetail) {
             println!("       checkpoint reused from run {run}");
         }
         if let Some(out) = &s.output {
+            if out["write"] == "merge" {
+                println!(
+                    "       merge  {} inserted, {} updated, {} unchanged, {} deleted",
+                    out["inserted"], out["updated"], out["unchanged"], out["deleted"]
+                );
+            }
             println!("       output {}", one_line(&out.to_string(), 200));
         }
         if let Some(e) = &s.error {

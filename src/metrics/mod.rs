@@ -37,6 +37,8 @@ pub struct Metrics {
     pub rows_extracted_total: IntCounterVec,
     /// Rows the load step wrote to the destination.
     pub rows_loaded_total: IntCounterVec,
+    /// What merge loads did to rows, by change: inserted, updated, unchanged, deleted.
+    pub merge_rows_total: IntCounterVec,
     /// Failed attempts that were re-queued for another attempt.
     pub step_retries_total: IntCounterVec,
     /// Steps running in this process's workers now.
@@ -105,6 +107,14 @@ impl Metrics {
                     "crm_sync_rows_loaded_total",
                     "Rows written to destinations.",
                     &["pipeline"],
+                ),
+            ),
+            merge_rows_total: register(
+                &registry,
+                counter_vec(
+                    "crm_sync_merge_rows_total",
+                    "Rows of merge loads by change: inserted, updated, unchanged, deleted.",
+                    &["pipeline", "change"],
                 ),
             ),
             step_retries_total: register(

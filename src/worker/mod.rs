@@ -475,6 +475,19 @@ fn count_success(shared: &Shared, f: &Finished) {
             .inc_by(rows),
         _ => {}
     }
+    if step.step_name == crate::pipeline::LOAD
+        && let Ok(done) = &f.result
+        && done.output()["write"] == "merge"
+    {
+        for change in ["inserted", "updated", "unchanged", "deleted"] {
+            if let Some(n) = done.output()[change].as_u64() {
+                metrics
+                    .merge_rows_total
+                    .with_label_values(&[&step.pipeline, change])
+                    .inc_by(n);
+            }
+        }
+    }
     let last_step = shared
         .executor
         .pipeline(&step.pipeline)

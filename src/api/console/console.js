@@ -372,6 +372,10 @@ function stepRow(s) {
   const outputs = [];
   if (out.object) outputs.push(h("div", { class: "object" }, objectLink(out.object)));
   if (out.table) outputs.push(h("div", {}, "table ", h("code", {}, out.table)));
+  if (out.write === "merge") {
+    outputs.push(h("div", { class: "merge" },
+      `${out.inserted} inserted, ${out.updated} updated, ${out.unchanged} unchanged, ${out.deleted} deleted`));
+  }
   if (out.reused_from_run || s.reused_from_run) outputs.push(h("div", { class: "muted small" }, "reused from ", link(`/runs/${s.reused_from_run}`, shortId(s.reused_from_run))));
   const attempts = (s.attempt_log || []).map((a) =>
     h("li", {}, `#${a.attempt} ${a.outcome} on ${a.worker_id}, ${fmtDuration(between(a.started_at, a.finished_at))}`,
