@@ -304,6 +304,7 @@ pub mod consistency;
 pub mod emulators;
 pub mod ezfocus;
 pub mod private_postgres;
+pub mod qashier;
 
 /// `serve`'s whole HTTP surface (API, console, metrics) in-process on a free port; stopped on drop.
 pub struct ApiServer {
