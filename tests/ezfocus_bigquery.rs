@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::emulators::{BqEmulator, FakeGcs};
+use common::ezfocus::{BUCKET, PROJECT};
 use common::{RunningWorker, TestDb, wait_for_run};
 use crm_sync::config::Config;
 use crm_sync::fixtures::ezfocus::{self, AccountsQuery, EzFocusConfig, EzFocusFixture};
@@ -16,9 +17,6 @@ use crm_sync::queue::{self, Trigger};
 use futures::StreamExt;
 use serde_json::json;
 use uuid::Uuid;
-
-const BUCKET: &str = "crm-sync-test";
-const PROJECT: &str = "test";
 
 struct Setup {
     db: TestDb,
@@ -46,40 +44,11 @@ async fn setup() -> Setup {
     store.ensure_bucket(BUCKET).await.unwrap();
 
     let secrets = tempfile::tempdir().unwrap();
-    let mut text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/ezfocus_gcp.toml"
-    ))
-    .unwrap();
-    text = crm_sync::fixtures::with_secret_files(&text, secrets.path(), &ezfocus::EXAMPLE_SECRETS)
-        .unwrap();
-    text = text
-        .replace("http://127.0.0.1:8081", &fixture.base_url())
-        .replace("my-company-crm-backups", BUCKET)
-        .replace("my-gcp-project", PROJECT)
-        .replace(
-            "credentials = \"application_default\"\n\n[pipelines.transform]",
-            &format!(
-                "credentials = \"anonymous\"\nendpoint = \"{}\"\n\n[pipelines.transform]",
-                gcs.endpoint()
-            ),
-        )
-        .replace(
-            "table = \"Accounts_List\"\ncredentials = \"application_default\"",
-            &format!(
-                "table = \"Accounts_List\"\ncredentials = \"anonymous\"\nendpoint = \"{}\"",
-                bq.base_url()
-            ),
-        )
-        .replace("max_attempts = 5", "max_attempts = 30")
-        .replace(
-            "retry_backoff = \"10s\"",
-            "retry_backoff = \"100ms\"\nretry_backoff_max = \"500ms\"",
-        )
-        .replace("[worker]", "[worker]\npoll_interval = \"100ms\"");
-    assert!(
-        !text.contains("credentials = \"application_default\""),
-        "{text}"
+    let text = common::ezfocus::gcp_example_config(
+        &fixture,
+        secrets.path(),
+        &gcs.endpoint(),
+        &bq.base_url(),
     );
     let config = db.config(&text).await;
     Setup {

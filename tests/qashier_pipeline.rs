@@ -28,29 +28,7 @@ async fn setup(password: &str) -> Setup {
     .unwrap();
     let secrets = tempfile::tempdir().unwrap();
     let backups = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/qashier.toml"
-    ))
-    .unwrap();
-    let text = crm_sync::fixtures::with_secret_files(
-        &text,
-        secrets.path(),
-        &[
-            ("QASHIER_USERNAME", qashier::DEFAULT_USERNAME),
-            ("QASHIER_PASSWORD", password),
-        ],
-    )
-    .unwrap()
-    .replace(
-        "http://127.0.0.1:8082/#/login?redirect=/customer-management",
-        &fixture.login_url(),
-    )
-    .replace("./crm-sync-backups", &backups.path().display().to_string())
-    .replace("export_timeout = \"120s\"", "export_timeout = \"4s\"")
-    .replace("max_attempts = 4", "max_attempts = 2")
-    .replace("retry_backoff = \"30s\"", "retry_backoff = \"100ms\"")
-    .replace("[worker]", "[worker]\npoll_interval = \"100ms\"");
+    let text = common::qashier::example_config(&fixture, password, secrets.path(), backups.path());
     let config = db.config(&text).await;
     Setup {
         db,

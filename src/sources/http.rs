@@ -203,11 +203,16 @@ pub async fn extract(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let mut received = 0u64;
+    let read_timeout = humantime::format_duration(cfg.read_timeout);
     let body = response.bytes_stream().map(move |chunk| match chunk {
         Ok(bytes) => {
             received += bytes.len() as u64;
             Ok(bytes)
         }
+        // reqwest reports a stalled body as "error decoding response body"; say what happened.
+        Err(e) if e.is_timeout() => Err(StepError::retryable(format!(
+            "the answer from {host} timed out after {received} bytes: nothing arrived for {read_timeout} (read_timeout)"
+        ))),
         Err(e) => Err(StepError::retryable(format!(
             "the answer from {host} was cut after {received} bytes: {}",
             e.without_url()

@@ -136,18 +136,36 @@ pub struct FakeGcs {
 
 impl FakeGcs {
     pub async fn start() -> Self {
-        let paths = emulator_paths();
         let dir = tempfile::Builder::new()
             .prefix("fake-gcs-")
             .tempdir()
             .unwrap();
         let root = dir.path().join("root");
         fs::create_dir_all(&root).unwrap();
-        let log = dir.path().join("fake-gcs.log");
-        let port = free_port();
+        let mut gcs = Self {
+            child: None,
+            port: free_port(),
+            root,
+            dir,
+        };
+        gcs.spawn().await;
+        gcs
+    }
+
+    async fn spawn(&mut self) {
+        let paths = emulator_paths();
+        let log = self.dir.path().join("fake-gcs.log");
+        let open = |path: PathBuf| {
+            fs::File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap()
+        };
+        let port = self.port;
         let mut child = Command::new(&paths.fake_gcs_bin)
             .args(["-backend", "filesystem", "-filesystem-root"])
-            .arg(&root)
+            .arg(&self.root)
             .args([
                 "-host",
                 "127.0.0.1",
@@ -160,23 +178,29 @@ impl FakeGcs {
             .args(["-external-url", &format!("http://127.0.0.1:{port}")])
             .args(["-log-level", "warn"])
             .stdin(Stdio::null())
-            .stdout(fs::File::create(&log).unwrap())
-            .stderr(fs::File::create(dir.path().join("fake-gcs.err")).unwrap())
+            .stdout(open(log.clone()))
+            .stderr(open(self.dir.path().join("fake-gcs.err")))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", paths.fake_gcs_bin.display()));
         let url = format!("http://127.0.0.1:{port}/storage/v1/b");
         wait_ready(&url, &mut child, &log, Duration::from_secs(30)).await;
-        Self {
-            child: Some(child),
-            port,
-            root,
-            dir,
-        }
+        self.child = Some(child);
     }
 
     /// Base URL for `GcsStore::new(Some(..))`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the process (SIGKILL, like a crash); the objects under [`FakeGcs::root`] stay.
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// Starts it again on the same port over the same objects (an outage that ends).
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
     }
 }
 

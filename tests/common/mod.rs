@@ -262,6 +262,28 @@ pub fn spawn_binary(config: &Path, args: &[&str], log: &Path) -> Child {
         .expect("spawn crm-sync")
 }
 
+/// SIGTERM, then waits up to `timeout` for the process to exit; returns its exit status.
+pub fn terminate(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    use nix::sys::signal::{Signal, kill};
+    // The child is not reaped yet, so its pid cannot have been reused.
+    let _ = kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    );
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {} did not exit within {timeout:?} of SIGTERM",
+            child.id()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs `crm-sync ARGS` to completion and returns (exit code, stdout, stderr).
 pub fn run_binary(config: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(binary())
@@ -278,8 +300,11 @@ pub fn run_binary(config: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 pub mod browser;
+pub mod consistency;
 pub mod emulators;
 pub mod ezfocus;
+pub mod private_postgres;
+pub mod qashier;
 
 /// `serve`'s whole HTTP surface (API, console, metrics) in-process on a free port; stopped on drop.
 pub struct ApiServer {
