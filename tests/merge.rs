@@ -304,3 +304,102 @@ fn merge_settings_are_checked_with_their_line() {
         );
     }
 }
+
+#[tokio::test]
+async fn bigquery_merges_through_a_staging_table_with_exact_counts() {
+    use crm_sync::gcp::GcpAuth;
+    use crm_sync::gcp::bigquery::BigQueryLoader;
+    use crm_sync::gcp::gcs::GcsStore;
+
+    let db = TestDb::new().await;
+    let src = source().await;
+    let gcs = common::emulators::FakeGcs::start().await;
+    let bq = common::emulators::BqEmulator::start(&gcs.root).await;
+    GcsStore::new(
+        Some(gcs.endpoint()),
+        Some("demo".into()),
+        GcpAuth::Anonymous,
+    )
+    .await
+    .unwrap()
+    .ensure_bucket("merge-backups")
+    .await
+    .unwrap();
+    let backups = tempfile::tempdir().unwrap();
+    let text = config(&src.base, backups.path(), "soft")
+        .replace(
+            &format!("kind = \"local\"\ndir = \"{}\"", backups.path().display()),
+            &format!(
+                "kind = \"gcs\"\nbucket = \"merge-backups\"\nproject = \"demo\"\ncredentials = \"anonymous\"\nendpoint = \"{}\"",
+                gcs.endpoint()
+            ),
+        )
+        .replace(
+            "kind = \"postgres\"\ntable = \"crm.accounts\"",
+            &format!(
+                "kind = \"bigquery\"\nproject = \"demo\"\ndataset = \"crm\"\ntable = \"accounts\"\ncredentials = \"anonymous\"\nendpoint = \"{}\"",
+                bq.base_url()
+            ),
+        );
+    assert!(
+        text.contains("kind = \"bigquery\"") && text.contains("kind = \"gcs\""),
+        "{text}"
+    );
+    let config = db.config(&text).await;
+
+    *src.answer.lock().unwrap() = accounts(0..50, &[]);
+    let (status, out) = run(&db, &config).await;
+    assert_eq!(status, "succeeded", "{out}");
+    assert_eq!(counts(&out), [50, 0, 0, 0], "{out}");
+
+    *src.answer.lock().unwrap() = accounts(5..55, &[10, 11]);
+    let (status, out) = run(&db, &config).await;
+    assert_eq!(status, "succeeded", "{out}");
+    assert_eq!(counts(&out), [5, 2, 43, 5], "{out}");
+    let batch2 = out["batch_id"].as_str().unwrap().to_string();
+
+    let loader = BigQueryLoader::new(Some(bq.base_url()), GcpAuth::Anonymous)
+        .await
+        .unwrap();
+    let rows = loader
+        .query_rows(
+            "demo",
+            "SELECT store_id, city, batch_id, deleted_in_batch FROM `demo.crm.accounts`",
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 55);
+    let get = |id: &str| rows.iter().find(|r| r["store_id"] == id).unwrap().clone();
+    assert_eq!(get("10")["city"], "Ottawa");
+    assert_eq!(get("10")["batch_id"], batch2.as_str());
+    assert_eq!(get("2")["deleted_in_batch"], batch2.as_str());
+    assert!(get("20")["deleted_in_batch"].is_null());
+    // The staging tables are gone.
+    let tables = loader
+        .query_rows(
+            "demo",
+            "SELECT table_name FROM `demo.crm.INFORMATION_SCHEMA.TABLES`",
+        )
+        .await
+        .unwrap_or_default();
+    assert!(
+        tables
+            .iter()
+            .all(|t| !t.to_string().contains("crm_sync_stage")),
+        "{tables:?}"
+    );
+
+    // The same batch again changes nothing; the guard fires on a truncated extract.
+    let (_, out) = run(&db, &config).await;
+    assert_eq!(counts(&out), [0, 0, 50, 0], "{out}");
+    *src.answer.lock().unwrap() = accounts(5..20, &[]);
+    let (status, out) = run(&db, &config).await;
+    assert_eq!(status, "failed");
+    assert!(
+        out["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("would delete 35 of 50 live rows"),
+        "{out}"
+    );
+}

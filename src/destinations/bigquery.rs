@@ -5,6 +5,7 @@
 
 use serde_json::{Value, json};
 
+use super::{DeleteMode, MergeSettings};
 use crate::gcp::bigquery::{BigQueryError, BigQueryLoader, ColumnSpec, ColumnType as BqType};
 use crate::gcp::{CredentialsConfig, ErrorClass};
 use crate::pipeline::{StepContext, StepError};
@@ -100,4 +101,196 @@ fn bq_error(e: BigQueryError) -> StepError {
         ErrorClass::Retryable => StepError::retryable(message),
         ErrorClass::Terminal => StepError::terminal(message),
     }
+}
+
+/// The column names a merge writes: the transform's, then the batch and timestamp columns.
+pub struct MergeColumns<'a> {
+    pub data: &'a [&'a str],
+    pub batch: &'a str,
+    pub timestamp: &'a str,
+}
+
+/// Merges the batch at `gs_uri` into the table by key: a load job into a staging table of its own,
+/// then one MERGE statement (atomic in BigQuery), then the staging table is dropped. New keys are
+/// inserted, changed rows (by `row_hash`) updated, unchanged rows left alone, missing keys
+/// soft-deleted or deleted; a share of deletions above `max_delete_share` fails, changing nothing.
+pub async fn merge(
+    target: &Target<'_>,
+    schema: &[ColumnSpec],
+    columns: &MergeColumns<'_>,
+    m: &MergeSettings,
+    gs_uri: &str,
+    expected_rows: u64,
+    ctx: &StepContext,
+) -> Result<Value, StepError> {
+    let loader = BigQueryLoader::new(
+        target.endpoint.map(str::to_string),
+        target.credentials.into(),
+    )
+    .await
+    .map_err(bq_error)?;
+    loader
+        .ensure_dataset(target.project, target.dataset)
+        .await
+        .map_err(bq_error)?;
+    if !ctx
+        .batch_id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(StepError::terminal(format!(
+            "batch id \"{}\" cannot be written into a MERGE statement",
+            ctx.batch_id
+        )));
+    }
+    let safe_batch = ctx.batch_id.replace('-', "_");
+    let stage = format!("{}__crm_sync_stage_{safe_batch}", target.table);
+    let job_id = format!("crm_sync_stage_{safe_batch}_{}_{}", ctx.step_id, ctx.fence);
+    let outcome = loader
+        .load_truncate_with_job_id(
+            target.project,
+            target.dataset,
+            &stage,
+            gs_uri,
+            schema,
+            &job_id,
+        )
+        .await
+        .map_err(bq_error)?;
+    if outcome.output_rows != expected_rows {
+        return Err(StepError::terminal(format!(
+            "BigQuery staged {} rows but the batch has {expected_rows}",
+            outcome.output_rows
+        )));
+    }
+    let mut full_schema = schema.to_vec();
+    full_schema.extend([
+        ColumnSpec::nullable("first_seen_batch", BqType::String),
+        ColumnSpec::nullable("row_hash", BqType::String),
+        ColumnSpec::nullable("deleted_at", BqType::Timestamp),
+        ColumnSpec::nullable("deleted_in_batch", BqType::String),
+    ]);
+    loader
+        .ensure_table(target.project, target.dataset, target.table, &full_schema)
+        .await
+        .map_err(bq_error)?;
+    let (p, d) = (target.project, target.dataset);
+    let t = format!("`{p}.{d}.{}`", target.table);
+    let s = format!("`{p}.{d}.{stage}`");
+    let run = |sql: String| {
+        let loader = &loader;
+        async move { loader.query_rows(p, &sql).await.map_err(bq_error) }
+    };
+    // A table that an earlier replace made gets the merge's columns.
+    for (col, ty) in [
+        ("first_seen_batch", "STRING"),
+        ("row_hash", "STRING"),
+        ("deleted_at", "TIMESTAMP"),
+        ("deleted_in_batch", "STRING"),
+    ] {
+        run(format!(
+            "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {col} {ty}"
+        ))
+        .await?;
+    }
+    let on = m
+        .key
+        .iter()
+        .map(|k| format!("T.{k} = S.{k}"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let hash = |alias: &str| {
+        format!(
+            "TO_HEX(MD5(TO_JSON_STRING(STRUCT({}))))",
+            columns
+                .data
+                .iter()
+                .map(|c| format!("{alias}.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let counts = run(format!(
+        "SELECT
+           (SELECT COUNT(*) FROM {s} S WHERE NOT EXISTS (SELECT 1 FROM {t} T WHERE {on})) AS inserted,
+           (SELECT COUNT(*) FROM {s} S JOIN {t} T ON {on}
+             WHERE T.row_hash IS NULL OR T.row_hash != {hs} OR T.deleted_at IS NOT NULL) AS updated,
+           (SELECT COUNT(*) FROM {t} T WHERE T.deleted_at IS NULL
+             AND NOT EXISTS (SELECT 1 FROM {s} S WHERE {on})) AS to_delete,
+           (SELECT COUNT(*) FROM {t} T WHERE T.deleted_at IS NULL) AS live",
+        hs = hash("S"),
+    ))
+    .await?;
+    let count = |name: &str| -> i64 {
+        counts
+            .first()
+            .and_then(|r| r.get(name))
+            .and_then(|v| v.as_str().and_then(|s| s.parse().ok()).or(v.as_i64()))
+            .unwrap_or(0)
+    };
+    let (inserted, updated, to_delete, live) = (
+        count("inserted"),
+        count("updated"),
+        count("to_delete"),
+        count("live"),
+    );
+    if live > 0 && to_delete as f64 > m.max_delete_share * live as f64 {
+        let _ = run(format!("DROP TABLE IF EXISTS {s}")).await;
+        return Err(StepError::terminal(format!(
+            "the merge would delete {to_delete} of {live} live rows ({:.0} %), more than max_delete_share \
+             ({:.0} %); nothing was changed (is the extract truncated?)",
+            to_delete as f64 * 100.0 / live as f64,
+            m.max_delete_share * 100.0
+        )));
+    }
+    let all: Vec<&str> = columns
+        .data
+        .iter()
+        .copied()
+        .chain([columns.batch, columns.timestamp])
+        .collect();
+    let set = all
+        .iter()
+        .map(|c| format!("{c} = S.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let when_missing = match m.deletes {
+        DeleteMode::Soft => format!(
+            "UPDATE SET deleted_at = CURRENT_TIMESTAMP(), deleted_in_batch = '{}'",
+            ctx.batch_id
+        ),
+        DeleteMode::Hard => "DELETE".to_string(),
+    };
+    run(format!(
+        "MERGE {t} T
+         USING (SELECT *, {hs} AS crm_sync_row_hash FROM {s} S) S
+         ON {on}
+         WHEN MATCHED AND (T.row_hash IS NULL OR T.row_hash != S.crm_sync_row_hash OR T.deleted_at IS NOT NULL) THEN
+           UPDATE SET {set}, row_hash = S.crm_sync_row_hash, deleted_at = NULL, deleted_in_batch = NULL
+         WHEN NOT MATCHED THEN
+           INSERT ({cols}, first_seen_batch, row_hash)
+           VALUES ({svals}, S.{batch}, S.crm_sync_row_hash)
+         WHEN NOT MATCHED BY SOURCE AND T.deleted_at IS NULL THEN {when_missing}",
+        hs = hash("S"),
+        cols = all.join(", "),
+        svals = all
+            .iter()
+            .map(|c| format!("S.{c}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        batch = columns.batch,
+    ))
+    .await?;
+    run(format!("DROP TABLE IF EXISTS {s}")).await?;
+    Ok(json!({
+        "table": format!("{}.{}.{}", target.project, target.dataset, target.table),
+        "rows": expected_rows,
+        "source": gs_uri,
+        "batch_id": ctx.batch_id,
+        "write": "merge",
+        "inserted": inserted,
+        "updated": updated,
+        "unchanged": expected_rows as i64 - inserted - updated,
+        "deleted": to_delete,
+    }))
 }

@@ -50,6 +50,16 @@ pub enum DestinationConfig {
         endpoint: Option<String>,
         #[serde(default)]
         credentials: CredentialsConfig,
+        /// As for `postgres`: `replace` (a WRITE_TRUNCATE load job) or `merge` (a load job into a
+        /// staging table, then one MERGE statement).
+        #[serde(default)]
+        write: WriteMode,
+        #[serde(default)]
+        key: Vec<String>,
+        #[serde(default)]
+        deletes: DeleteMode,
+        #[serde(default = "default_max_delete_share")]
+        max_delete_share: f64,
     },
 }
 
@@ -79,6 +89,30 @@ fn default_max_delete_share() -> f64 {
     0.5
 }
 
+/// The write settings both destinations share.
+fn check_write(write: WriteMode, key: &[String], max_delete_share: f64) -> Result<(), String> {
+    match write {
+        WriteMode::Merge if key.is_empty() => {
+            return Err("write = \"merge\" needs a key: key = [\"column\", ...]".into());
+        }
+        WriteMode::Replace if !key.is_empty() => {
+            return Err("key only applies to write = \"merge\"".into());
+        }
+        _ => {}
+    }
+    if let Some(bad) = key.iter().find(|k| !crate::transform::is_identifier(k)) {
+        return Err(format!(
+            "merge key column \"{bad}\" is not a plain identifier"
+        ));
+    }
+    if !(max_delete_share > 0.0 && max_delete_share <= 1.0) {
+        return Err(format!(
+            "max_delete_share must be above 0 and at most 1, not {max_delete_share}"
+        ));
+    }
+    Ok(())
+}
+
 /// The settings of a merge load.
 #[derive(Debug, Clone)]
 pub struct MergeSettings {
@@ -92,6 +126,13 @@ impl DestinationConfig {
     pub fn merge(&self) -> Option<MergeSettings> {
         match self {
             DestinationConfig::Postgres {
+                write: WriteMode::Merge,
+                key,
+                deletes,
+                max_delete_share,
+                ..
+            }
+            | DestinationConfig::Bigquery {
                 write: WriteMode::Merge,
                 key,
                 deletes,
@@ -132,25 +173,7 @@ impl DestinationConfig {
                 ..
             } => {
                 postgres::split_table(table)?;
-                match write {
-                    WriteMode::Merge if key.is_empty() => {
-                        return Err("write = \"merge\" needs a key: key = [\"column\", ...]".into());
-                    }
-                    WriteMode::Replace if !key.is_empty() => {
-                        return Err("key only applies to write = \"merge\"".into());
-                    }
-                    _ => {}
-                }
-                if let Some(bad) = key.iter().find(|k| !crate::transform::is_identifier(k)) {
-                    return Err(format!(
-                        "merge key column \"{bad}\" is not a plain identifier"
-                    ));
-                }
-                if !(*max_delete_share > 0.0 && *max_delete_share <= 1.0) {
-                    return Err(format!(
-                        "max_delete_share must be above 0 and at most 1, not {max_delete_share}"
-                    ));
-                }
+                check_write(*write, key, *max_delete_share)?;
                 if let Some(ddl) = create_table
                     && !ddl
                         .trim_start()
@@ -168,8 +191,12 @@ impl DestinationConfig {
                 project,
                 dataset,
                 table,
+                write,
+                key,
+                max_delete_share,
                 ..
             } => {
+                check_write(*write, key, *max_delete_share)?;
                 for (what, name) in [("project", project), ("dataset", dataset), ("table", table)] {
                     let ok = !name.is_empty()
                         && name

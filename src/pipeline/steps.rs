@@ -223,6 +223,7 @@ pub async fn load(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<StepDo
             table,
             endpoint,
             credentials,
+            ..
         }) => {
             let target = bigquery::Target {
                 project,
@@ -233,9 +234,19 @@ pub async fn load(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<StepDo
             };
             let schema =
                 bigquery::schema(&data, &transform.batch_column, &transform.timestamp_column);
-            bigquery::load(&target, &schema, staging_uri, rows, ctx)
-                .await
-                .map(StepDone::Output)
+            match pipeline.destination.as_ref().and_then(|d| d.merge()) {
+                None => bigquery::load(&target, &schema, staging_uri, rows, ctx).await,
+                Some(m) => {
+                    let data_names: Vec<&str> = data.iter().map(|(n, _)| *n).collect();
+                    let columns = bigquery::MergeColumns {
+                        data: &data_names,
+                        batch: &transform.batch_column,
+                        timestamp: &transform.timestamp_column,
+                    };
+                    bigquery::merge(&target, &schema, &columns, &m, staging_uri, rows, ctx).await
+                }
+            }
+            .map(StepDone::Output)
         }
         None => Err(StepError::terminal("the pipeline has no [destination]")),
     }
