@@ -1187,6 +1187,35 @@ format = "json"
     }
 
     #[test]
+    fn retention_has_defaults_and_takes_never() {
+        let default = parse("").unwrap().retention;
+        assert!(default.enabled);
+        assert_eq!(default.succeeded, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(default.failed, Some(Duration::from_secs(180 * 86_400)));
+        assert_eq!(default.cancelled, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!((default.keep_last, default.batch_size), (100, 1000));
+        assert_eq!(default.interval, Duration::from_secs(3600));
+        let r = parse(
+            "[retention]\nenabled = false\nsucceeded = \"2w\"\nfailed = \"never\"\nkeep_last = 0\n",
+        )
+        .unwrap()
+        .retention;
+        assert!(!r.enabled);
+        assert_eq!(r.succeeded, Some(Duration::from_secs(14 * 86_400)));
+        assert_eq!((r.failed, r.keep_last), (None, 0));
+        let err = parse("\n[retention]\ncancelled = \"5m\"\nbatch_size = 1000000\n").unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.contains("test.toml:2: retention.cancelled: must be at least 1h"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("test.toml:2: retention.batch_size"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn duplicate_names_are_rejected() {
         let one = "[[pipelines]]\nname = \"x\"\nsource = { kind = \"noop\" }\n";
         let err = parse(&format!("{one}{one}")).unwrap_err();
