@@ -205,7 +205,15 @@ struct Scan {
 
 fn scans(plan: &Value, out: &mut Vec<Scan>) {
     let relation = plan["Relation Name"].as_str().unwrap_or_default();
-    if ["runs", "steps", "attempts"].contains(&relation) {
+    if plan["Node Type"] == "Bitmap Index Scan" {
+        // Which index a bitmap read (it names no relation; its Bitmap Heap Scan parent does).
+        out.push(Scan {
+            node: "Bitmap Index Scan".into(),
+            relation: String::new(),
+            index: plan["Index Name"].as_str().map(str::to_string),
+            removed: 0,
+        });
+    } else if ["runs", "steps", "attempts"].contains(&relation) {
         let loops = plan["Actual Loops"].as_i64().unwrap_or(1);
         let removed = plan["Rows Removed by Filter"].as_i64().unwrap_or(0)
             + plan["Rows Removed by Index Recheck"].as_i64().unwrap_or(0);
