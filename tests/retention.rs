@@ -980,10 +980,26 @@ async fn wait_ready(base: &str) {
     }
 }
 
-fn stop(mut child: std::process::Child) {
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}");
+/// A `crm-sync serve` child, killed if the test fails before it is stopped.
+struct Served(Option<std::process::Child>);
+
+impl Served {
+    /// SIGTERM, then a clean exit is expected.
+    fn stop(mut self) {
+        let mut child = self.0.take().unwrap();
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status}");
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 #[tokio::test]
@@ -1036,19 +1052,23 @@ async fn prune_dry_run_prune_and_serve_in_the_background() {
 
     // serve --no-retention leaves the history alone.
     let base = format!("http://127.0.0.1:{port}");
-    let quiet = spawn_binary(
+    let quiet = Served(Some(spawn_binary(
         &config,
         &["serve", "--no-workers", "--no-scheduler", "--no-retention"],
         &dir.path().join("quiet.log"),
-    );
+    )));
     wait_ready(&base).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(count_runs(&db.pool).await, 31);
-    stop(quiet);
+    quiet.stop();
 
     // serve prunes in the background, at start and every interval.
     let log = dir.path().join("serve.log");
-    let serve = spawn_binary(&config, &["serve", "--no-workers", "--no-scheduler"], &log);
+    let serve = Served(Some(spawn_binary(
+        &config,
+        &["serve", "--no-workers", "--no-scheduler"],
+        &log,
+    )));
     common::wait_until(
         &db.pool,
         "SELECT count(*) = 3 FROM crm_sync.runs",
@@ -1072,7 +1092,7 @@ async fn prune_dry_run_prune_and_serve_in_the_background() {
         Duration::from_secs(20),
     )
     .await;
-    stop(serve);
+    serve.stop();
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("retention started"), "{log}");
     assert!(log.contains("old run history pruned"), "{log}");
