@@ -35,6 +35,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub pipelines: Vec<PipelineConfig>,
     pub notifications: NotificationsConfig,
+    pub retention: RetentionConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -128,6 +129,85 @@ fn default_claim_batch() -> usize {
 }
 fn default_max_connections() -> u32 {
     10
+}
+
+/// `[retention]`: how long finished runs are kept before `serve` (or `crm-sync prune`) deletes them
+/// with their steps, attempts and notifications. Without a limit the history grows by every scheduled
+/// run forever and the hot queries slow down with it; failures are kept longer because they are what
+/// people come back to read. See docs/retention.md.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Whether `serve` prunes at all (`crm-sync prune` works either way).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Age after which succeeded runs go; `None` ("never") keeps them.
+    #[serde(default = "default_keep_succeeded", deserialize_with = "retention_age")]
+    pub succeeded: Option<Duration>,
+    /// Age after which failed runs go; `None` ("never") keeps them.
+    #[serde(default = "default_keep_failed", deserialize_with = "retention_age")]
+    pub failed: Option<Duration>,
+    /// Age after which cancelled runs go; `None` ("never") keeps them.
+    #[serde(default = "default_keep_cancelled", deserialize_with = "retention_age")]
+    pub cancelled: Option<Duration>,
+    /// The newest runs of each pipeline and status that are kept whatever their age, so a pipeline
+    /// that stopped running still shows its recent history.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: u32,
+    /// Most runs deleted in one transaction: short transactions and locks next to the live queue.
+    #[serde(default = "default_prune_batch_size")]
+    pub batch_size: u32,
+    /// How often `serve` looks for runs to prune.
+    #[serde(default = "default_prune_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            succeeded: default_keep_succeeded(),
+            failed: default_keep_failed(),
+            cancelled: default_keep_cancelled(),
+            keep_last: default_keep_last(),
+            batch_size: default_prune_batch_size(),
+            interval: default_prune_interval(),
+        }
+    }
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn default_keep_succeeded() -> Option<Duration> {
+    Some(DAY * 30)
+}
+fn default_keep_failed() -> Option<Duration> {
+    Some(DAY * 180)
+}
+fn default_keep_cancelled() -> Option<Duration> {
+    Some(DAY * 30)
+}
+fn default_keep_last() -> u32 {
+    100
+}
+fn default_prune_batch_size() -> u32 {
+    1000
+}
+fn default_prune_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// A retention age: a duration ("30d", "12w", "1h") or "never".
+fn retention_age<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim() == "never" {
+        return Ok(None);
+    }
+    humantime::parse_duration(&s).map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid age \"{s}\": {e} (write e.g. \"30d\", \"12w\", or \"never\")"
+        ))
+    })
 }
 
 /// One `[[pipelines]]` table.
@@ -377,6 +457,7 @@ impl Config {
                 worker: WorkerConfig::default(),
                 pipelines: Vec::new(),
                 notifications: NotificationsConfig::default(),
+                retention: RetentionConfig::default(),
             },
             Err(e) => {
                 return Err(ConfigErrors {
@@ -424,6 +505,14 @@ impl Config {
         let worker = section::<WorkerConfig>(raw.worker, text, "worker", &mut issues);
         if let Some(w) = &worker {
             check_worker(w, worker_line, &mut issues);
+        }
+        let retention_line = raw
+            .retention
+            .as_ref()
+            .map(|r| line_of(text, r.span().start));
+        let retention = section::<RetentionConfig>(raw.retention, text, "retention", &mut issues);
+        if let Some(r) = &retention {
+            check_retention(r, retention_line, &mut issues);
         }
 
         // Every pipeline name in the file, valid or not, so a webhook filter naming a pipeline that has
@@ -483,6 +572,7 @@ impl Config {
             worker: worker.unwrap_or_default(),
             pipelines,
             notifications,
+            retention: retention.unwrap_or_default(),
         })
     }
 
@@ -516,6 +606,7 @@ struct RawConfig {
     #[serde(default)]
     pipelines: Vec<toml::Spanned<toml::Table>>,
     notifications: Option<RawNotifications>,
+    retention: Option<toml::Spanned<toml::Table>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -574,6 +665,37 @@ fn check_worker(w: &WorkerConfig, line: Option<usize>, issues: &mut Vec<ConfigIs
             "max_connections",
             "must be at least 2 (one for LISTEN, one for queries)",
         );
+    }
+}
+
+fn check_retention(r: &RetentionConfig, line: Option<usize>, issues: &mut Vec<ConfigIssue>) {
+    let mut bad = |field: &str, message: &str| {
+        issues.push(ConfigIssue {
+            line,
+            location: format!("retention.{field}"),
+            message: message.to_string(),
+        })
+    };
+    for (field, age) in [
+        ("succeeded", r.succeeded),
+        ("failed", r.failed),
+        ("cancelled", r.cancelled),
+    ] {
+        if age.is_some_and(|a| a < Duration::from_secs(3600)) {
+            bad(
+                field,
+                "must be at least 1h, or \"never\" (a shorter age deletes runs people are still looking at)",
+            );
+        }
+    }
+    if r.keep_last > 1_000_000 {
+        bad("keep_last", "must be between 0 and 1000000");
+    }
+    if r.batch_size == 0 || r.batch_size > 100_000 {
+        bad("batch_size", "must be between 1 and 100000");
+    }
+    if r.interval < Duration::from_secs(1) {
+        bad("interval", "must be at least 1s");
     }
 }
 
@@ -1068,6 +1190,35 @@ format = "json"
             );
         }
         assert_eq!(err.issues.len(), 8, "{shown}");
+    }
+
+    #[test]
+    fn retention_has_defaults_and_takes_never() {
+        let default = parse("").unwrap().retention;
+        assert!(default.enabled);
+        assert_eq!(default.succeeded, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(default.failed, Some(Duration::from_secs(180 * 86_400)));
+        assert_eq!(default.cancelled, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!((default.keep_last, default.batch_size), (100, 1000));
+        assert_eq!(default.interval, Duration::from_secs(3600));
+        let r = parse(
+            "[retention]\nenabled = false\nsucceeded = \"2w\"\nfailed = \"never\"\nkeep_last = 0\n",
+        )
+        .unwrap()
+        .retention;
+        assert!(!r.enabled);
+        assert_eq!(r.succeeded, Some(Duration::from_secs(14 * 86_400)));
+        assert_eq!((r.failed, r.keep_last), (None, 0));
+        let err = parse("\n[retention]\ncancelled = \"5m\"\nbatch_size = 1000000\n").unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.contains("test.toml:2: retention.cancelled: must be at least 1h"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("test.toml:2: retention.batch_size"),
+            "{shown}"
+        );
     }
 
     #[test]

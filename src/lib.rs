@@ -18,6 +18,7 @@
 //! - [`metrics`]: Prometheus metrics of the process and of the queue;
 //! - [`api`]: the admin HTTP API (health, runs) served by `crm-sync serve`;
 //! - [`notify`]: failure and recovery webhooks (Slack, JSON) from an outbox in PostgreSQL;
+//! - [`retention`]: old run history deleted in small batches (`serve`, `crm-sync prune`);
 //! - [`cli`]: the `crm-sync` command line.
 
 pub mod api;
@@ -34,6 +35,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pipeline;
 pub mod queue;
+pub mod retention;
 pub mod scheduler;
 pub mod schema;
 pub mod secrets;

@@ -27,7 +27,7 @@ use super::auth::Caller;
 use super::openapi::ErrorBody;
 use super::runs::run_id;
 use super::{ApiError, AppState};
-use crate::history::{self, RUN_COLUMNS, RunDetail, RunSummary, StepRecord};
+use crate::history::{self, RunDetail, RunSummary, StepRecord};
 
 /// How often a followed run is re-read.
 const POLL: Duration = Duration::from_millis(250);
@@ -79,21 +79,9 @@ impl RunWatch {
     async fn next(&mut self, pool: &sqlx::PgPool) -> Vec<Result<Event, Infallible>> {
         loop {
             tokio::time::sleep(POLL).await;
-            // Active runs, and runs created or finished since the last look (with a margin for
-            // transactions that committed late).
             let rows: Result<(DateTime<Utc>, Vec<RunSummary>), sqlx::Error> = async {
                 let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
-                let runs = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT {RUN_COLUMNS} FROM crm_sync.runs r
-                      WHERE r.status IN ('queued', 'running')
-                         OR r.created_at > $1 - interval '5 seconds'
-                         OR r.finished_at > $1 - interval '5 seconds'
-                      ORDER BY r.created_at"
-                )))
-                .bind(self.since)
-                .fetch_all(pool)
-                .await?;
-                Ok((now, runs))
+                Ok((now, history::changed_runs(pool, self.since).await?))
             }
             .await;
             let (now, runs) = match rows {

@@ -131,6 +131,7 @@ fn bench_config(config: &Config) -> Config {
         worker: config.worker.clone(),
         pipelines: vec![pipeline],
         notifications: Default::default(),
+        retention: config.retention.clone(),
     }
 }
 

@@ -22,7 +22,7 @@ use crate::queue::{self, Trigger};
 use crate::scheduler::Scheduler;
 use crate::telemetry::{self, LogFormat};
 use crate::worker::{Worker, WorkerOptions};
-use crate::{db, history};
+use crate::{db, history, retention};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -91,6 +91,9 @@ enum Command {
         /// Do not send webhook notifications from this process.
         #[arg(long)]
         no_notifier: bool,
+        /// Do not prune old run history from this process ([retention]).
+        #[arg(long)]
+        no_retention: bool,
         /// Steps run at once (overrides [worker] concurrency).
         #[arg(long)]
         concurrency: Option<usize>,
@@ -187,6 +190,15 @@ enum Command {
     /// Cancel a queued or running run.
     #[command(after_help = "Example:\n  crm-sync cancel 0b6c2f1e-8c1d-4d4e-9a53-3f1f2d7b9e10")]
     Cancel { run_id: String },
+    /// Delete old run history now, as [retention] says, in batches (what `serve` does every interval).
+    #[command(
+        after_help = "Examples:\n  crm-sync prune --dry-run   # what would go, per pipeline and status; nothing is deleted\n  crm-sync prune"
+    )]
+    Prune {
+        /// Show what would be deleted and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Validate the config file and report every problem with its line.
     #[command(
         name = "check-config",
@@ -354,6 +366,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             no_scheduler,
             no_api,
             no_notifier,
+            no_retention,
             concurrency,
         } => {
             let roles = Roles {
@@ -362,6 +375,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 workers: !no_workers,
                 scheduler: !no_scheduler,
                 notifier: !no_notifier,
+                retention: !no_retention,
             };
             serve(config, roles, concurrency).await
         }
@@ -459,6 +473,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("run {id} cancelled");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Prune { dry_run } => {
+            let pool = connect(&config).await?;
+            if !db::migrations_current(&pool).await? {
+                bail!("the database schema is missing or outdated: run `crm-sync migrate` first");
+            }
+            let report = if dry_run {
+                retention::dry_run(&pool, &config.retention).await?
+            } else {
+                let never = CancellationToken::new();
+                retention::prune(&pool, &config.retention, Duration::ZERO, &never).await?
+            };
+            output::print_pruned(&report, &config.retention, dry_run);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Queue(args)) => {
             let pool = connect(&config).await?;
             if !db::migrations_current(&pool).await? {
@@ -511,6 +539,16 @@ fn check_config(cli: &Cli) -> ExitCode {
                     only.as_deref().unwrap_or("every pipeline")
                 );
             }
+            println!(
+                "  retention{}: {}, every {}",
+                if config.retention.enabled {
+                    ""
+                } else {
+                    " (disabled in serve)"
+                },
+                output::retention_policy(&config.retention),
+                humantime::format_duration(config.retention.interval)
+            );
             if config.database_url.is_none() {
                 println!("note: no database_url in the file and DATABASE_URL is not set");
             }
@@ -623,6 +661,8 @@ struct Roles {
     scheduler: bool,
     /// Sends webhook notifications, when the config has webhooks.
     notifier: bool,
+    /// Prunes old run history, when [retention] is enabled.
+    retention: bool,
 }
 
 impl Roles {
@@ -644,6 +684,7 @@ impl Roles {
             workers: true,
             scheduler: false,
             notifier: true,
+            retention: false,
         }
     }
 
@@ -654,6 +695,7 @@ impl Roles {
             workers: false,
             scheduler: true,
             notifier: false,
+            retention: false,
         }
     }
 }
@@ -683,6 +725,7 @@ async fn serve_until(
         workers,
         scheduler,
         notifier,
+        retention,
     } = roles;
     let notifier = notifier && !config.notifications.webhooks.is_empty();
     if !api && !workers && !scheduler && !notifier {
@@ -739,6 +782,10 @@ async fn serve_until(
         let notifier =
             crate::notify::Notifier::new(pool.clone(), &config)?.with_metrics(metrics.clone());
         roles.spawn(notifier.run(shutdown.clone()));
+    }
+    if retention && config.retention.enabled {
+        let pruner = retention::Pruner::new(pool.clone(), &config.retention);
+        roles.spawn(pruner.run(shutdown.clone()));
     }
     let mut result = Ok(());
     while let Some(done) = roles.join_next().await {

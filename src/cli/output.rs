@@ -2,8 +2,9 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use crate::config::Config;
+use crate::config::{Config, RetentionConfig};
 use crate::history::{RunDetail, RunSummary};
+use crate::retention::PruneReport;
 use crate::scheduler;
 
 fn time(t: Option<DateTime<Utc>>) -> String {
@@ -160,4 +161,80 @@ pub fn print_schedules(config: &Config, count: usize, now: DateTime<Utc>) -> any
         }
     }
     Ok(())
+}
+
+/// A retention age the way it is written in the config ("180d", "36h", "never"): humantime would
+/// print 180 days as "5months 27days 19h 12m".
+pub fn age(a: Option<std::time::Duration>) -> String {
+    let Some(a) = a else {
+        return "never".into();
+    };
+    let secs = a.as_secs();
+    if a.subsec_nanos() == 0 && secs > 0 && secs % 86_400 == 0 {
+        format!("{}d", secs / 86_400)
+    } else if a.subsec_nanos() == 0 && secs > 0 && secs % 3600 == 0 {
+        format!("{}h", secs / 3600)
+    } else {
+        humantime::format_duration(a).to_string()
+    }
+}
+
+/// The policy in one line (check-config, prune).
+pub fn retention_policy(r: &RetentionConfig) -> String {
+    format!(
+        "succeeded {}, failed {}, cancelled {}; keep_last {} per pipeline and status; batches of {}",
+        age(r.succeeded),
+        age(r.failed),
+        age(r.cancelled),
+        r.keep_last,
+        r.batch_size
+    )
+}
+
+/// `crm-sync prune`: what was (or, dry, would be) deleted per pipeline and status, then the totals.
+pub fn print_pruned(report: &PruneReport, policy: &RetentionConfig, dry_run: bool) {
+    println!("retention: {}", retention_policy(policy));
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    if report.deleted.is_empty() {
+        println!("nothing to prune");
+    } else {
+        println!(
+            "{:<24}  {:<9}  {:>8}  {:>9}  {:>9}  {:>6}  {:<20}  {:<20}",
+            "PIPELINE",
+            "STATUS",
+            "RUNS",
+            "STEPS",
+            "ATTEMPTS",
+            "EVENTS",
+            "OLDEST_FINISHED",
+            "NEWEST_FINISHED"
+        );
+        for d in report.deleted.iter().chain([&report.totals()]) {
+            println!(
+                "{:<24}  {:<9}  {:>8}  {:>9}  {:>9}  {:>6}  {:<20}  {:<20}",
+                one_line(&d.pipeline, 24),
+                d.status,
+                d.runs,
+                d.steps,
+                d.attempts,
+                d.notification_events,
+                time(d.oldest_finished_at),
+                time(d.newest_finished_at)
+            );
+        }
+    }
+    let t = report.totals();
+    println!(
+        "{verb} {} runs, {} steps, {} attempts, {} notification events, {} deliveries in {} batch(es), {:.2}s",
+        t.runs,
+        t.steps,
+        t.attempts,
+        t.notification_events,
+        t.notification_deliveries,
+        report.batch_runs.iter().filter(|n| **n > 0).count(),
+        report.elapsed.as_secs_f64()
+    );
+    if dry_run {
+        println!("dry run: nothing was deleted");
+    }
 }

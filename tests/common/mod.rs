@@ -31,6 +31,13 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        let db = Self::empty().await;
+        crm_sync::db::migrate(&db.pool).await.expect("migrate");
+        db
+    }
+
+    /// A database of its own with no schema at all (upgrade tests apply older migrations to it).
+    pub async fn empty() -> TestDb {
         let name = format!("crm_sync_test_{}", Uuid::new_v4().simple());
         let admin = PgPoolOptions::new()
             .max_connections(1)
@@ -52,7 +59,6 @@ impl TestDb {
             .connect(&url)
             .await
             .expect("connect test db");
-        crm_sync::db::migrate(&pool).await.expect("migrate");
         TestDb { name, url, pool }
     }
 
