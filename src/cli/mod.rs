@@ -674,6 +674,7 @@ impl Roles {
             workers: true,
             scheduler: true,
             notifier: true,
+            retention: true,
         }
     }
 
