@@ -3,18 +3,22 @@
 //! JSON (415), not valid JSON or not an object (400). axum's `Json` extractor would instead ignore a
 //! body sent without a `Content-Type`, silently starting a run without the parameters asked for.
 
+use std::borrow::Cow;
+
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use serde_json::{Value, json};
+use utoipa::openapi::{RefOr, Schema};
 
 use super::ApiError;
 
 /// Largest request body the API reads; run parameters are a few small values.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// Run parameters: a JSON object, `{}` when the body is empty.
+/// Run parameters: a JSON object; `{}` when the body is empty or `null` (the document marks the body
+/// optional and nullable).
 pub struct RunParams(pub Value);
 
 impl<S: Send + Sync> FromRequest<S> for RunParams {
@@ -54,6 +58,9 @@ impl<S: Send + Sync> FromRequest<S> for RunParams {
         }
         let value: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
+        if value.is_null() {
+            return Ok(RunParams(json!({})));
+        }
         if !value.is_object() {
             return Err(ApiError::BadRequest(format!(
                 "the body must be a JSON object of run parameters, not {}",
@@ -61,6 +68,51 @@ impl<S: Send + Sync> FromRequest<S> for RunParams {
             )));
         }
         Ok(RunParams(value))
+    }
+}
+
+/// Property names and strings: anything but NUL, which PostgreSQL's jsonb cannot store.
+const NO_NUL: &str = "^[^\\u0000]*$";
+
+/// The document's `RunParams`: what the database accepts (see `crm_sync.params_problem`), so that a
+/// client generating requests from the document (schemathesis does) knows what will be refused. The
+/// size (64 KiB) and depth (64) limits are stated in the description; JSON Schema cannot say them.
+impl utoipa::PartialSchema for RunParams {
+    fn schema() -> RefOr<Schema> {
+        serde_json::from_value(json!({
+            "type": "object",
+            "description": "Run parameters: a JSON object of at most 64 KiB, nested at most 64 deep, \
+                            without NUL characters, numbers below 1e308 in magnitude",
+            "propertyNames": { "type": "string", "pattern": NO_NUL },
+            "additionalProperties": { "$ref": "#/components/schemas/ParamValue" },
+        }))
+        .expect("RunParams schema")
+    }
+}
+
+impl utoipa::ToSchema for RunParams {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("RunParams")
+    }
+
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        let value = serde_json::from_value(json!({
+            "description": "A run parameter: JSON without NUL characters, numbers below 1e308 in magnitude",
+            "anyOf": [
+                { "type": "null" },
+                { "type": "boolean" },
+                { "type": "number", "exclusiveMinimum": -1e308, "exclusiveMaximum": 1e308 },
+                { "type": "string", "pattern": NO_NUL },
+                { "type": "array", "items": { "$ref": "#/components/schemas/ParamValue" } },
+                {
+                    "type": "object",
+                    "propertyNames": { "type": "string", "pattern": NO_NUL },
+                    "additionalProperties": { "$ref": "#/components/schemas/ParamValue" },
+                },
+            ],
+        }))
+        .expect("ParamValue schema");
+        schemas.push(("ParamValue".into(), value));
     }
 }
 

@@ -56,7 +56,7 @@ struct RunCancelled {
          description = "1-200 visible ASCII characters; a repeat returns the same run"),
         ("X-Crm-Sync-Client" = Option<String>, Header, description = "`console` records the run's trigger as console"),
     ),
-    request_body(content = Option<Object>, description = "Run parameters (at most 64 KiB)", content_type = "application/json"),
+    request_body(content = Option<RunParams>, description = "Run parameters (at most 64 KiB)", content_type = "application/json"),
     responses(
         (status = 202, description = "Queued", body = RunCreated),
         (status = 400, description = "Body not valid JSON or not an object, NUL characters, bad key", body = ErrorBody),
@@ -80,9 +80,15 @@ async fn trigger(
         Some(v) => Some(
             v.to_str()
                 .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 200)
+                // Printable ASCII only: HTTP allows tabs and obs-text in header values, keys
+                // that show and compare the same everywhere do not.
+                .filter(|k| {
+                    (1..=200).contains(&k.len()) && k.bytes().all(|b| (b' '..=b'~').contains(&b))
+                })
                 .ok_or_else(|| {
-                    ApiError::BadRequest("Idempotency-Key must be 1-200 visible characters".into())
+                    ApiError::BadRequest(
+                        "Idempotency-Key must be 1-200 visible ASCII characters".into(),
+                    )
                 })?,
         ),
     };
