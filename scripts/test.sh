@@ -19,6 +19,8 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 # The GCS and BigQuery emulators (fake-gcs-server, bqemulator) from PyPI into a venv outside the clone.
 scripts/emulators.sh install >/dev/null
+# schemathesis (PyPI, pinned) into the same venv, for the API fuzzing test (tests/fuzz_api.rs).
+scripts/schemathesis.sh install >/dev/null
 
 echo "== cargo fmt --check"
 cargo fmt --check

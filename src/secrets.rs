@@ -5,16 +5,79 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 /// Where a secret lives: `{ env = "EZFOCUS_PASSWORD" }` or `{ file = "/run/secrets/ezfocus_password" }`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretRef {
-    #[serde(default)]
     pub env: Option<String>,
-    #[serde(default)]
     pub file: Option<PathBuf>,
+}
+
+/// The table form of a [`SecretRef`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretTable {
+    #[serde(default)]
+    env: Option<String>,
+    #[serde(default)]
+    file: Option<PathBuf>,
+}
+
+/// What a secret field must look like, for every refusal.
+const SECRET_FORM: &str = "write { env = \"NAME\" } or { file = \"/run/secrets/name\" }";
+
+/// Only the table form is accepted. Anything else is refused with a message that does not repeat the
+/// value: serde's own ("invalid type: string \"hunter2\", expected ...") would print a password
+/// written into the config file into `check-config`'s output and every process's log.
+impl<'de> Deserialize<'de> for SecretRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct RefVisitor;
+
+        impl RefVisitor {
+            fn refuse<E: de::Error>(what: &str) -> E {
+                E::custom(format!(
+                    "a secret must not be written as {what} in the config file; {SECRET_FORM}"
+                ))
+            }
+        }
+
+        impl<'de> Visitor<'de> for RefVisitor {
+            type Value = SecretRef;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(SECRET_FORM)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<SecretRef, E> {
+                Err(Self::refuse("a literal string"))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<SecretRef, E> {
+                Err(Self::refuse("a number"))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<SecretRef, E> {
+                Err(Self::refuse("a number"))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<SecretRef, E> {
+                Err(Self::refuse("a number"))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<SecretRef, E> {
+                Err(Self::refuse("a boolean"))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<SecretRef, A::Error> {
+                Err(Self::refuse("an array"))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<SecretRef, A::Error> {
+                let t = SecretTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(SecretRef {
+                    env: t.env,
+                    file: t.file,
+                })
+            }
+        }
+
+        d.deserialize_any(RefVisitor)
+    }
 }
 
 /// A secret value. Its `Debug` and `Display` print `***`, so it cannot leak into logs by accident.

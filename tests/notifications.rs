@@ -931,12 +931,12 @@ pipelines = ["accounts", "acounts"]
     assert!(err.contains("3 problems found"), "{err}");
     assert!(
         err.contains(
-            "bad.toml:5: notifications.webhooks[0] \"literal\": url: a literal URL is not allowed"
+            "bad.toml:5: notifications.webhooks[0] \"literal\".url: a literal URL is not allowed"
         ),
         "{err}"
     );
     assert!(
-        err.contains("bad.toml:10: notifications.webhooks[1] \"teams\": unknown variant `teams`, expected `slack` or `json`"),
+        err.contains("bad.toml:10: notifications.webhooks[1] \"teams\".format: unknown variant `teams`, expected `slack` or `json`"),
         "{err}"
     );
     assert!(

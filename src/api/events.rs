@@ -113,7 +113,7 @@ impl RunWatch {
 
 /// Follows a run: `snapshot`, then `step` and `run` events as they happen, until it finishes.
 #[utoipa::path(get, path = "/runs/{id}/events", tag = "runs", security(("bearer" = [])),
-    params(("id" = String, Path, description = "The run id (a UUID)")),
+    params(("id" = Uuid, Path, description = "The run id")),
     responses(
         (status = 200, content_type = "text/event-stream",
          description = "event: snapshot (the run detail), event: step (one step), event: run (id, status, error, started_at, finished_at); the stream ends after the run finishes"),

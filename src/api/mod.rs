@@ -6,6 +6,7 @@
 //! generated from the handlers themselves and cannot miss one.
 
 mod auth;
+mod body;
 mod console;
 mod error;
 mod events;
@@ -66,7 +67,8 @@ pub fn router(state: AppState) -> Router {
     router
         .merge(console::router())
         .layer(axum::Extension(Arc::new(doc)))
-        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::extract::DefaultBodyLimit::max(body::MAX_BODY))
+        .layer(axum::middleware::from_fn(error::json_errors))
         .with_state(state)
 }
 

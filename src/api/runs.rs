@@ -3,15 +3,15 @@
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::auth::Caller;
+use super::body::RunParams;
 use super::openapi::ErrorBody;
 use super::{ApiError, AppState};
 use crate::history::{self, RunDetail, RunFilter, RunSummary};
@@ -51,49 +51,53 @@ struct RunCancelled {
 #[utoipa::path(post, path = "/pipelines/{name}/runs", tag = "runs", security(("bearer" = [])),
     params(
         ("name" = String, Path, description = "The pipeline's name"),
-        ("Idempotency-Key" = Option<String>, Header, description = "1-200 characters; a repeat returns the same run"),
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 200,
+         pattern = "^[!-~]([ -~]*[!-~])?$",
+         description = "1-200 visible ASCII characters; a repeat returns the same run"),
         ("X-Crm-Sync-Client" = Option<String>, Header, description = "`console` records the run's trigger as console"),
     ),
-    request_body(content = Option<Object>, description = "Run parameters", content_type = "application/json"),
+    request_body(content = Option<RunParams>, description = "Run parameters (at most 64 KiB)", content_type = "application/json"),
     responses(
         (status = 202, description = "Queued", body = RunCreated),
-        (status = 400, description = "Body not a JSON object, bad key", body = ErrorBody),
+        (status = 400, description = "Body not valid JSON or not an object, NUL characters, bad key", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "A read-only token", body = ErrorBody),
         (status = 404, description = "Unknown pipeline (the known ones are named)", body = ErrorBody),
         (status = 409, description = "Idempotency key reused for another pipeline or disabled pipeline", body = ErrorBody),
+        (status = 413, description = "Body larger than 64 KiB", body = ErrorBody),
+        (status = 415, description = "A body that is not application/json", body = ErrorBody),
     ))]
 async fn trigger(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Option<Json<Value>>,
+    RunParams(params): RunParams,
 ) -> Result<(StatusCode, Json<RunCreated>), ApiError> {
     caller.require_admin("starting a run")?;
-    let params = match body {
-        None => json!({}),
-        Some(Json(v)) if v.is_object() => v,
-        Some(_) => {
-            return Err(ApiError::BadRequest(
-                "the body must be a JSON object of run parameters".into(),
-            ));
-        }
-    };
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => Some(
             v.to_str()
                 .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 200)
+                // Printable ASCII only: HTTP allows tabs and obs-text in header values, keys
+                // that show and compare the same everywhere do not.
+                .filter(|k| {
+                    (1..=200).contains(&k.len()) && k.bytes().all(|b| (b' '..=b'~').contains(&b))
+                })
                 .ok_or_else(|| {
-                    ApiError::BadRequest("Idempotency-Key must be 1-200 visible characters".into())
+                    ApiError::BadRequest(
+                        "Idempotency-Key must be 1-200 visible ASCII characters".into(),
+                    )
                 })?,
         ),
     };
     let id = queue::enqueue(&state.pool, &name, &params, key, trigger_of(&headers)).await?;
     Ok((StatusCode::ACCEPTED, Json(RunCreated { id })))
 }
+
+/// The run statuses a list can be filtered by.
+const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -102,11 +106,21 @@ struct RunsQuery {
     /// Only this pipeline's runs.
     pipeline: Option<String>,
     /// queued, running, succeeded, failed or cancelled.
+    #[param(schema_with = status_schema)]
     status: Option<String>,
     /// 1-1000, default 50.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
-    /// Only runs created before this instant (RFC 3339): the next page.
+    /// Only runs created before this instant (RFC 3339, years 1-9999): the next page.
     before: Option<DateTime<Utc>>,
+}
+
+/// The `status` filter in the OpenAPI document: one of [`STATUSES`].
+fn status_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(STATUSES))
+        .build()
 }
 
 /// Runs, newest first.
@@ -124,7 +138,7 @@ async fn list_runs(
 ) -> Result<Json<RunList>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     if let Some(s) = &q.status
-        && !["queued", "running", "succeeded", "failed", "cancelled"].contains(&s.as_str())
+        && !STATUSES.contains(&s.as_str())
     {
         return Err(ApiError::BadRequest(format!(
             "status \"{s}\" is not one of queued, running, succeeded, failed, cancelled"
@@ -134,6 +148,17 @@ async fn list_runs(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::BadRequest(
             "limit must be between 1 and 1000".into(),
+        ));
+    }
+    if q.pipeline.as_deref().is_some_and(|p| p.contains('\0')) {
+        return Err(ApiError::BadRequest(
+            "pipeline must not contain NUL characters".into(),
+        ));
+    }
+    // PostgreSQL's timestamps end in 294276 AD and chrono's go further: keep to calendar years.
+    if q.before.is_some_and(|b| !(1..=9999).contains(&b.year())) {
+        return Err(ApiError::BadRequest(
+            "before must be an RFC 3339 instant between the years 1 and 9999".into(),
         ));
     }
     let runs = history::list_runs(
@@ -164,7 +189,7 @@ pub(super) fn run_id(id: &str) -> Result<Uuid, ApiError> {
 
 /// One run: its steps with outputs (row counts, backup object URIs), every attempt, errors.
 #[utoipa::path(get, path = "/runs/{id}", tag = "runs", security(("bearer" = [])),
-    params(("id" = String, Path, description = "The run id (a UUID)")),
+    params(("id" = Uuid, Path, description = "The run id")),
     responses(
         (status = 200, body = RunDetail),
         (status = 400, description = "Not a UUID", body = ErrorBody),
@@ -186,7 +211,7 @@ async fn show_run(
 /// Resumes a failed or cancelled run from the step that failed, in the same batch (a new run with
 /// trigger `retry`; succeeded steps' checkpoints are reused).
 #[utoipa::path(post, path = "/runs/{id}/retry", tag = "runs", security(("bearer" = [])),
-    params(("id" = String, Path, description = "The failed or cancelled run")),
+    params(("id" = Uuid, Path, description = "The failed or cancelled run")),
     responses(
         (status = 202, description = "The new run", body = RunCreated),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -206,7 +231,7 @@ async fn retry(
 /// Runs the same pipeline with the same parameters again from the first step, in a new batch.
 #[utoipa::path(post, path = "/runs/{id}/rerun", tag = "runs", security(("bearer" = [])),
     params(
-        ("id" = String, Path, description = "Any finished run"),
+        ("id" = Uuid, Path, description = "Any finished run"),
         ("X-Crm-Sync-Client" = Option<String>, Header, description = "`console` records the run's trigger as console"),
     ),
     responses(
@@ -227,7 +252,7 @@ async fn rerun(
 
 /// Cancels a queued or running run; its running step is stopped at once.
 #[utoipa::path(post, path = "/runs/{id}/cancel", tag = "runs", security(("bearer" = [])),
-    params(("id" = String, Path, description = "A queued or running run")),
+    params(("id" = Uuid, Path, description = "A queued or running run")),
     responses(
         (status = 200, body = RunCancelled),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),

@@ -832,7 +832,7 @@ async fn finish_or_wait(
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
-    let deadline = tokio::time::Instant::now() + opts.wait_timeout;
+    let deadline = tokio::time::Instant::now() + opts.wait_timeout.min(crate::config::MAX_DURATION);
     loop {
         let Some((status, error)) = history::run_status(pool, id).await? else {
             bail!("run {id} disappeared while waiting");

@@ -121,7 +121,8 @@ impl From<sqlx::Error> for QueueError {
         match db.code().as_deref() {
             Some("P0002") => QueueError::NotFound(message),
             Some("55000") | Some("23505") => QueueError::Conflict(message),
-            Some("22004") | Some("22023") | Some("22P02") => QueueError::Invalid(message),
+            Some("22004") | Some("22023") | Some("22P02") | Some("22021") | Some("22P05")
+            | Some("22003") => QueueError::Invalid(message),
             _ => QueueError::Database(e),
         }
     }

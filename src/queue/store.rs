@@ -20,6 +20,15 @@ pub async fn enqueue(
     idempotency_key: Option<&str>,
     trigger: Trigger,
 ) -> Result<Uuid, QueueError> {
+    check_no_nul("pipeline name", pipeline)?;
+    if let Some(key) = idempotency_key {
+        check_no_nul("idempotency key", key)?;
+    }
+    if let Some(at) = nul_in_json(params, "params") {
+        return Err(QueueError::Invalid(format!(
+            "{at} contains a NUL character (\\u0000), which PostgreSQL cannot store"
+        )));
+    }
     retry_on_conflict(|| async {
         sqlx::query_scalar("SELECT crm_sync.enqueue_run_as($1, $2, $3, $4, NULL)")
             .bind(pipeline)
@@ -191,6 +200,40 @@ pub async fn rerun(pool: &PgPool, run_id: Uuid, trigger: Trigger) -> Result<Uuid
             .await
     })
     .await
+}
+
+/// PostgreSQL text cannot hold NUL, and its error for one ("invalid byte sequence") names neither the
+/// argument nor the cause: refuse it here with a message that does.
+fn check_no_nul(what: &str, value: &str) -> Result<(), QueueError> {
+    if value.contains('\0') {
+        return Err(QueueError::Invalid(format!(
+            "the {what} contains a NUL character"
+        )));
+    }
+    Ok(())
+}
+
+/// Where in `value` a NUL character is (in a key or a string), as a path like `params.a[2]`; jsonb
+/// cannot store one.
+fn nul_in_json(value: &Value, at: &str) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(at.to_string()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_in_json(v, &format!("{at}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            if k.contains('\0') {
+                Some(format!("a key of {at}"))
+            } else {
+                nul_in_json(
+                    v,
+                    &format!("{at}.{}", k.chars().take(40).collect::<String>()),
+                )
+            }
+        }),
+        _ => None,
+    }
 }
 
 fn split(leases: &[Lease]) -> (Vec<i64>, Vec<i64>) {

@@ -411,9 +411,12 @@ async fn record_failure(shared: &Shared, f: &Finished) {
         .pipeline(&f.step.pipeline)
         .map(|p| (p.retry_backoff, p.retry_backoff_max))
         .unwrap_or((Duration::from_secs(1), Duration::from_secs(600)));
-    let delay = retry_delay(f.step.attempt, base, max, error.retry_after);
-    let retry_at =
-        chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+    // A source's Retry-After can say anything (u64::MAX seconds): capped, so that now + delay cannot
+    // overflow (chrono panics on it).
+    let delay =
+        retry_delay(f.step.attempt, base, max, error.retry_after).min(crate::config::MAX_DURATION);
+    let retry_at = chrono::Utc::now()
+        + chrono::Duration::from_std(delay).expect("at most MAX_DURATION fits a chrono Duration");
     let outcome = persist("recording a failed attempt", || {
         queue::fail(
             &shared.pool,
