@@ -511,8 +511,8 @@ impl Config {
         let retention_line = raw
             .retention
             .as_ref()
-            .map(|r| line_of(text, r.span().start));
-        let retention = section::<RetentionConfig>(raw.retention, text, "retention", &mut issues);
+            .map(|r| lines.line_of(r.span().start));
+        let retention = section::<RetentionConfig>(raw.retention, &lines, "retention", &mut issues);
         if let Some(r) = &retention {
             check_retention(r, retention_line, &mut issues);
         }
