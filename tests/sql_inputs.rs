@@ -178,9 +178,7 @@ async fn bad_arguments_get_a_clear_error_and_change_nothing() {
             "params.a[1] is a number too large",
         ),
         case(
-            format!(
-                "SELECT crm_sync.enqueue_run('noop', ('{{\"a\": ' || repeat('[', 200) || repeat(']', 200) || '}}')::jsonb)"
-            ),
+            "SELECT crm_sync.enqueue_run('noop', ('{\"a\": ' || repeat('[', 200) || repeat(']', 200) || '}')::jsonb)",
             "22023",
             "params nest deeper than 64 levels",
         ),
