@@ -310,7 +310,8 @@ async fn explain_list_runs(
     .unwrap()
 }
 
-/// A function's SQL body with its parameters written in (claim_steps, queue_metrics are LANGUAGE sql).
+/// A function's SQL body with its parameters written in (claim_steps_unchecked, the body behind
+/// claim_steps' argument checks, and queue_metrics are LANGUAGE sql).
 async fn function_body(conn: &mut Conn, signature: &str, args: &[(&str, &str)]) -> String {
     let mut body: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT prosrc FROM pg_proc WHERE oid = '{signature}'::regprocedure"
@@ -340,7 +341,7 @@ async fn hot_queries_use_indexes_at_a_million_runs() {
     // The worker's claim, the whole statement (it locks and updates: rolled back).
     let claim = function_body(
         &mut conn,
-        "crm_sync.claim_steps(text,integer,bigint)",
+        "crm_sync.claim_steps_unchecked(text,integer,bigint)",
         &[
             ("p_worker", "'index-test'"),
             ("p_limit", "100"),

@@ -1151,7 +1151,10 @@ fn check_config_reports_retention_mistakes_with_their_line() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("crm-sync.toml:1: retention:"), "{err}");
+    assert!(
+        err.contains("crm-sync.toml:1: retention.failed: invalid age"),
+        "{err}"
+    );
     std::fs::write(
         &path,
         "[retention]\nfailed = \"never\"\nsucceeded = \"14d\"\n",
