@@ -5,7 +5,7 @@
 //! memory does not grow with the row count. Values that cannot be cast become NULL and are counted as
 //! warnings per column and reason; a payload that is not what the source promised is a terminal error.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::io::{BufReader, BufWriter, Read, Write};
 
@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::pipeline::StepError;
 use crate::schema::ColumnSpec;
@@ -90,15 +91,95 @@ pub struct TransformStats {
     pub warnings: BTreeMap<String, u64>,
     /// Source fields not in the declared columns (at most 50 names listed).
     pub dropped_fields: BTreeSet<String>,
+    /// Rows a merge left out ([`KeyFilter`]): "empty KEY" / "duplicate KEY" -> count.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub skipped: BTreeMap<String, u64>,
+    /// The first few keys left out as duplicates (values joined with '+').
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_keys: Vec<String>,
 }
 
-/// Reads a JSON array of records from `input` and writes one cast record per line to `output`.
+/// Leaves out the rows a merge cannot key, when the destination allows it (`skip_dirty_keys`): a row
+/// whose key is empty (every key column null or "") and a row whose key an earlier row of the batch
+/// already has (the first row of a key wins, so a number copied onto a second account does not
+/// take over the first). Memory: a 128-bit digest per distinct key, not the keys themselves.
+pub struct KeyFilter {
+    columns: Vec<String>,
+    seen: HashSet<u128>,
+}
+
+/// How many skipped keys a transform output names.
+const SKIPPED_KEYS_LISTED: usize = 10;
+
+impl KeyFilter {
+    pub fn new(columns: Vec<String>) -> Self {
+        KeyFilter {
+            columns,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Whether `row` goes into the batch; a row left out is counted in `stats`.
+    fn admit(&mut self, row: &Map<String, Value>, stats: &mut TransformStats) -> bool {
+        let Some(key) = merge_key(row, &self.columns) else {
+            *stats
+                .skipped
+                .entry(format!("empty {}", self.columns.join("+")))
+                .or_default() += 1;
+            return false;
+        };
+        let digest = Sha256::digest(key.as_bytes());
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        if self.seen.insert(u128::from_le_bytes(first)) {
+            return true;
+        }
+        *stats
+            .skipped
+            .entry(format!("duplicate {}", self.columns.join("+")))
+            .or_default() += 1;
+        if stats.skipped_keys.len() < SKIPPED_KEYS_LISTED {
+            stats.skipped_keys.push(key_display(row, &self.columns));
+        }
+        false
+    }
+}
+
+/// A key as people read it: the values joined with '+', null as `null`.
+pub fn key_display(row: &Map<String, Value>, columns: &[String]) -> String {
+    columns
+        .iter()
+        .map(|c| match row.get(c) {
+            None | Some(Value::Null) => "null".to_string(),
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
+/// A row's merge key as a JSON array of its values (so null and "" stay apart, and a null part
+/// equals another null part), or `None` when the key is empty: every part null or "".
+pub fn merge_key(row: &Map<String, Value>, columns: &[String]) -> Option<String> {
+    let parts: Vec<&Value> = columns
+        .iter()
+        .map(|c| row.get(c).unwrap_or(&Value::Null))
+        .collect();
+    if parts.iter().all(|v| v.is_null() || v.as_str() == Some("")) {
+        return None;
+    }
+    serde_json::to_string(&parts).ok()
+}
+
+/// Reads a JSON array of records from `input` and writes one cast record per line to `output`
+/// (leaving out the rows `keys` refuses, when given).
 pub fn json_to_ndjson(
     config: &TransformConfig,
     input: impl Read,
     output: impl Write,
     batch_id: &str,
     prepared_at: DateTime<Utc>,
+    keys: Option<&mut KeyFilter>,
 ) -> Result<TransformStats, StepError> {
     let mut writer = BufWriter::with_capacity(256 * 1024, output);
     let mut stats = TransformStats::default();
@@ -110,6 +191,7 @@ pub fn json_to_ndjson(
         batch_id,
         prepared_at: prepared_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
         io_error: &mut io_error,
+        keys,
     };
     let mut de = serde_json::Deserializer::from_reader(BufReader::with_capacity(256 * 1024, input));
     let parsed = sink.deserialize(&mut de).and_then(|_| de.end());
@@ -140,6 +222,7 @@ pub fn csv_to_ndjson(
     output: impl Write,
     batch_id: &str,
     prepared_at: DateTime<Utc>,
+    mut keys: Option<&mut KeyFilter>,
 ) -> Result<TransformStats, StepError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
@@ -191,6 +274,11 @@ pub fn csv_to_ndjson(
             .map(|(h, v)| (h.clone(), Value::String(v.to_string())))
             .collect();
         let mut row = cast_record(config, &raw, &mut stats);
+        if let Some(keys) = keys.as_deref_mut()
+            && !keys.admit(&row, &mut stats)
+        {
+            continue;
+        }
         row.insert(
             config.batch_column.clone(),
             Value::String(batch_id.to_string()),
@@ -228,6 +316,7 @@ struct RecordSink<'a, W: Write> {
     batch_id: &'a str,
     prepared_at: String,
     io_error: &'a mut Option<std::io::Error>,
+    keys: Option<&'a mut KeyFilter>,
 }
 
 impl<'de, W: Write> DeserializeSeed<'de> for RecordSink<'_, W> {
@@ -245,11 +334,15 @@ impl<'de, W: Write> Visitor<'de> for RecordSink<'_, W> {
         f.write_str("a JSON array of objects")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
         let mut line = Vec::with_capacity(1024);
         while let Some(record) = seq.next_element::<Map<String, Value>>()? {
-            let row = cast_record(self.config, &record, self.stats);
-            let mut row = row;
+            let mut row = cast_record(self.config, &record, self.stats);
+            if let Some(keys) = self.keys.as_deref_mut()
+                && !keys.admit(&row, self.stats)
+            {
+                continue;
+            }
             row.insert(
                 self.config.batch_column.clone(),
                 Value::String(self.batch_id.to_string()),
@@ -329,7 +422,7 @@ columns = [
                           {"accnt_no": "8", "latitude": null, "client_since": "someday"}]"#;
         let mut out = Vec::new();
         let at = Utc.with_ymd_and_hms(2026, 11, 24, 6, 0, 0).unwrap();
-        let stats = json_to_ndjson(&config(), &input[..], &mut out, "b1", at).unwrap();
+        let stats = json_to_ndjson(&config(), &input[..], &mut out, "b1", at, None).unwrap();
         let lines: Vec<Value> = String::from_utf8(out)
             .unwrap()
             .lines()
@@ -379,7 +472,7 @@ columns = [
 
     fn json_to_ndjson_csv(input: &str, out: &mut Vec<u8>) -> Result<TransformStats, StepError> {
         let at = Utc.with_ymd_and_hms(2026, 11, 24, 19, 0, 0).unwrap();
-        csv_to_ndjson(&csv_config(), input.as_bytes(), out, "b1", at)
+        csv_to_ndjson(&csv_config(), input.as_bytes(), out, "b1", at, None)
     }
 
     #[test]
@@ -449,7 +542,7 @@ columns = [
             (&b"[1, 2]"[..], "invalid type: integer"),
             (&b"[] trailing"[..], "trailing characters"),
         ] {
-            let err = json_to_ndjson(&config(), input, Vec::new(), "b", at).unwrap_err();
+            let err = json_to_ndjson(&config(), input, Vec::new(), "b", at, None).unwrap_err();
             assert!(!err.is_retryable(), "{input:?}");
             assert!(
                 err.message.contains(expect),
@@ -458,7 +551,7 @@ columns = [
                 err.message
             );
         }
-        let stats = json_to_ndjson(&config(), &b"[]"[..], Vec::new(), "b", at).unwrap();
+        let stats = json_to_ndjson(&config(), &b"[]"[..], Vec::new(), "b", at, None).unwrap();
         assert_eq!(stats.rows, 0);
     }
 }

@@ -59,8 +59,17 @@ pub struct Check {
 pub enum Rule {
     NotNull,
     Unique,
-    Allowed { values: Vec<Value> },
-    Range { min: Option<f64>, max: Option<f64> },
+    Allowed {
+        values: Vec<Value>,
+    },
+    Range {
+        min: Option<f64>,
+        max: Option<f64>,
+    },
+    /// A merge's key (added by the pipeline, not written in configs): no row may have an empty
+    /// key (every key column null or "") and no two rows the same key, nulls comparing equal.
+    #[serde(skip)]
+    MergeKey,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -137,7 +146,8 @@ pub fn validate<R: BufRead>(
         .checks
         .iter()
         .map(|k| {
-            matches!(k.rule, Rule::Unique).then(|| (Bloom::for_rows(expected_rows), HashSet::new()))
+            matches!(k.rule, Rule::Unique | Rule::MergeKey)
+                .then(|| (Bloom::for_rows(expected_rows), HashSet::new()))
         })
         .collect();
 
@@ -151,8 +161,12 @@ pub fn validate<R: BufRead>(
         }
         for (i, check) in config.checks.iter().enumerate() {
             match &check.rule {
-                Rule::Unique => {
-                    if let Some(key) = key_of(row, &check.columns)
+                Rule::Unique | Rule::MergeKey => {
+                    let key = key_for(&check.rule, row, &check.columns);
+                    if key.is_none() && matches!(check.rule, Rule::MergeKey) {
+                        violations[i] += 1;
+                    }
+                    if let Some(key) = key
                         && let Some((bloom, suspects)) = filters[i].as_mut()
                         && !bloom.insert(&hasher, &key)
                     {
@@ -176,7 +190,9 @@ pub fn validate<R: BufRead>(
     }
 
     // Second pass, only for keys the filters flagged: exact counts.
-    let mut duplicates: Vec<HashMap<String, u64>> = vec![HashMap::new(); config.checks.len()];
+    // Per check: key -> (the key as shown, rows).
+    let mut duplicates: Vec<HashMap<String, (String, u64)>> =
+        vec![HashMap::new(); config.checks.len()];
     if filters
         .iter()
         .flatten()
@@ -185,10 +201,13 @@ pub fn validate<R: BufRead>(
         for_each_row(open().map_err(read_error)?, |row| {
             for (i, check) in config.checks.iter().enumerate() {
                 if let Some((_, suspects)) = &filters[i]
-                    && let Some(key) = key_of(row, &check.columns)
+                    && let Some(key) = key_for(&check.rule, row, &check.columns)
                     && suspects.contains(&key)
                 {
-                    *duplicates[i].entry(key).or_default() += 1;
+                    let shown = duplicates[i]
+                        .entry(key)
+                        .or_insert_with(|| (crate::transform::key_display(row, &check.columns), 0));
+                    shown.1 += 1;
                 }
             }
         })?;
@@ -229,34 +248,53 @@ pub fn validate<R: BufRead>(
             max_drop * 100.0
         ));
     }
+    let duplicate_finding = |i: usize, check: &Check, what: &str| {
+        let dups: Vec<&(String, u64)> = duplicates[i].values().filter(|(_, n)| *n > 1).collect();
+        let extra: u64 = dups.iter().map(|(_, n)| *n - 1).sum();
+        let mut sample: Vec<&str> = dups.iter().map(|(k, _)| k.as_str()).collect();
+        sample.sort();
+        sample.truncate(5);
+        (
+            extra,
+            format!(
+                "duplicate {what}{} (e.g. {})",
+                check.columns.join("+"),
+                sample.join(", ")
+            ),
+        )
+    };
+    let mut findings: Vec<(&Check, u64, String)> = Vec::new();
     for (i, check) in config.checks.iter().enumerate() {
-        let (count, what) = match &check.rule {
+        match &check.rule {
             Rule::Unique => {
-                let dups: Vec<(&String, &u64)> =
-                    duplicates[i].iter().filter(|(_, n)| **n > 1).collect();
-                let extra: u64 = dups.iter().map(|(_, n)| *n - 1).sum();
-                let mut sample: Vec<&str> = dups.iter().map(|(k, _)| k.as_str()).collect();
-                sample.sort();
-                sample.truncate(5);
-                (
-                    extra,
-                    format!(
-                        "duplicate {} (e.g. {})",
-                        check.columns.join("+"),
-                        sample.join(", ")
-                    ),
-                )
+                let (count, what) = duplicate_finding(i, check, "");
+                findings.push((check, count, what));
             }
-            Rule::NotNull => (violations[i], format!("null {}", check.columns.join(", "))),
-            Rule::Allowed { values } => (
+            Rule::MergeKey => {
+                let (count, what) = duplicate_finding(i, check, "merge key ");
+                findings.push((check, count, what));
+                findings.push((
+                    check,
+                    violations[i],
+                    format!("empty merge key {}", check.columns.join("+")),
+                ));
+            }
+            Rule::NotNull => findings.push((
+                check,
+                violations[i],
+                format!("null {}", check.columns.join(", ")),
+            )),
+            Rule::Allowed { values } => findings.push((
+                check,
                 violations[i],
                 format!(
                     "{} not in {}",
                     check.columns.join(", "),
                     serde_json::to_string(values).unwrap_or_default()
                 ),
-            ),
-            Rule::Range { min, max } => (
+            )),
+            Rule::Range { min, max } => findings.push((
+                check,
                 violations[i],
                 format!(
                     "{} outside {}..{}",
@@ -264,8 +302,10 @@ pub fn validate<R: BufRead>(
                     min.map(|m| m.to_string()).unwrap_or_default(),
                     max.map(|m| m.to_string()).unwrap_or_default()
                 ),
-            ),
-        };
+            )),
+        }
+    }
+    for (check, count, what) in findings {
         if count == 0 {
             continue;
         }
@@ -295,6 +335,15 @@ fn for_each_row<R: BufRead>(
     Ok(())
 }
 
+/// The key a uniqueness rule compares: a `unique` check skips rows with a null part; a merge key
+/// is empty only when every part is null or "", and its null parts compare equal.
+fn key_for(rule: &Rule, row: &Map<String, Value>, columns: &[String]) -> Option<String> {
+    match rule {
+        Rule::MergeKey => crate::transform::merge_key(row, columns),
+        _ => key_of(row, columns),
+    }
+}
+
 fn key_of(row: &Map<String, Value>, columns: &[String]) -> Option<String> {
     let mut key = String::new();
     for c in columns {
@@ -313,7 +362,7 @@ fn violates(rule: &Rule, value: Option<&Value>) -> bool {
     let value = value.unwrap_or(&Value::Null);
     match rule {
         Rule::NotNull => value.is_null(),
-        Rule::Unique => false,
+        Rule::Unique | Rule::MergeKey => false,
         // Nulls are the business of not_null checks.
         Rule::Allowed { values } => !value.is_null() && !values.contains(value),
         Rule::Range { min, max } => match value {

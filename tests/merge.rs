@@ -104,10 +104,6 @@ async fn run(db: &TestDb, config: &crm_sync::config::Config) -> (String, Value) 
     (status, output)
 }
 
-fn counts(output: &Value) -> [i64; 4] {
-    ["inserted", "updated", "unchanged", "deleted"].map(|k| output[k].as_i64().unwrap_or(-1))
-}
-
 #[tokio::test]
 async fn successive_batches_insert_update_leave_alone_and_soft_delete_by_key() {
     let db = TestDb::new().await;
@@ -120,7 +116,7 @@ async fn successive_batches_insert_update_leave_alone_and_soft_delete_by_key() {
     *src.answer.lock().unwrap() = accounts(0..100, &[]);
     let (status, out) = run(&db, &config).await;
     assert_eq!(status, "succeeded", "{out}");
-    assert_eq!(counts(&out), [100, 0, 0, 0], "{out}");
+    assert_eq!(common::merge_counts(&out), [100, 0, 0, 0], "{out}");
     let batch1: String = sqlx::query_scalar("SELECT batch_id FROM crm.accounts LIMIT 1")
         .fetch_one(&db.pool)
         .await
@@ -130,7 +126,7 @@ async fn successive_batches_insert_update_leave_alone_and_soft_delete_by_key() {
     *src.answer.lock().unwrap() = accounts(10..105, &[20, 30, 40]);
     let (status, out) = run(&db, &config).await;
     assert_eq!(status, "succeeded", "{out}");
-    assert_eq!(counts(&out), [5, 3, 87, 10], "{out}");
+    assert_eq!(common::merge_counts(&out), [5, 3, 87, 10], "{out}");
     let batch2 = out["batch_id"].as_str().unwrap().to_string();
 
     // The table: every key once; the changed rows carry batch 2, the others batch 1; the first batch
@@ -159,7 +155,7 @@ async fn successive_batches_insert_update_leave_alone_and_soft_delete_by_key() {
     // The same answer again: nothing changes.
     let (status, out) = run(&db, &config).await;
     assert_eq!(status, "succeeded", "{out}");
-    assert_eq!(counts(&out), [0, 0, 95, 0], "{out}");
+    assert_eq!(common::merge_counts(&out), [0, 0, 95, 0], "{out}");
 
     // A soft-deleted key that comes back is revived (an update); the counts reach the metrics and
     // `crm-sync show`.
@@ -186,7 +182,7 @@ async fn successive_batches_insert_update_leave_alone_and_soft_delete_by_key() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert_eq!(counts(&out), [0, 5, 95, 0], "{out}");
+    assert_eq!(common::merge_counts(&out), [0, 5, 95, 0], "{out}");
     let text = metrics.render();
     for (change, n) in [
         ("inserted", 0),
@@ -253,7 +249,23 @@ async fn the_deletion_guard_and_key_validation_leave_the_table_unchanged() {
     assert_eq!(status, "failed");
     let error = out["error"].as_str().unwrap_or_default().to_string();
     assert!(
-        error.contains("duplicate store_id") && error.contains('7'),
+        error.contains("duplicate merge key store_id (e.g. 7)"),
+        "{error}"
+    );
+    assert_eq!(snapshot().await, before);
+
+    // A row without a key: named as such, nothing changes.
+    let mut keyless = accounts(0..100, &[]);
+    keyless
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": null, "name": "Nobody", "city": "Hull"}));
+    *src.answer.lock().unwrap() = keyless;
+    let (status, out) = run(&db, &config).await;
+    assert_eq!(status, "failed");
+    let error = out["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains("empty merge key store_id: 1 rows"),
         "{error}"
     );
     assert_eq!(snapshot().await, before);
@@ -262,7 +274,7 @@ async fn the_deletion_guard_and_key_validation_leave_the_table_unchanged() {
     *src.answer.lock().unwrap() = accounts(0..90, &[]);
     let (status, out) = run(&db, &config).await;
     assert_eq!(status, "succeeded", "{out}");
-    assert_eq!(counts(&out), [0, 0, 90, 10]);
+    assert_eq!(common::merge_counts(&out), [0, 0, 90, 10]);
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM crm.accounts")
         .fetch_one(&db.pool)
         .await
@@ -350,12 +362,12 @@ async fn bigquery_merges_through_a_staging_table_with_exact_counts() {
     *src.answer.lock().unwrap() = accounts(0..50, &[]);
     let (status, out) = run(&db, &config).await;
     assert_eq!(status, "succeeded", "{out}");
-    assert_eq!(counts(&out), [50, 0, 0, 0], "{out}");
+    assert_eq!(common::merge_counts(&out), [50, 0, 0, 0], "{out}");
 
     *src.answer.lock().unwrap() = accounts(5..55, &[10, 11]);
     let (status, out) = run(&db, &config).await;
     assert_eq!(status, "succeeded", "{out}");
-    assert_eq!(counts(&out), [5, 2, 43, 5], "{out}");
+    assert_eq!(common::merge_counts(&out), [5, 2, 43, 5], "{out}");
     let batch2 = out["batch_id"].as_str().unwrap().to_string();
 
     let loader = BigQueryLoader::new(Some(bq.base_url()), GcpAuth::Anonymous)
@@ -381,17 +393,18 @@ async fn bigquery_merges_through_a_staging_table_with_exact_counts() {
             "SELECT table_name FROM `demo.crm.INFORMATION_SCHEMA.TABLES`",
         )
         .await
-        .unwrap_or_default();
+        .unwrap();
     assert!(
-        tables
-            .iter()
-            .all(|t| !t.to_string().contains("crm_sync_stage")),
+        tables.iter().any(|t| t.to_string().contains("accounts"))
+            && tables
+                .iter()
+                .all(|t| !t.to_string().contains("crm_sync_stage")),
         "{tables:?}"
     );
 
     // The same batch again changes nothing; the guard fires on a truncated extract.
     let (_, out) = run(&db, &config).await;
-    assert_eq!(counts(&out), [0, 0, 50, 0], "{out}");
+    assert_eq!(common::merge_counts(&out), [0, 0, 50, 0], "{out}");
     *src.answer.lock().unwrap() = accounts(5..20, &[]);
     let (status, out) = run(&db, &config).await;
     assert_eq!(status, "failed");

@@ -230,7 +230,7 @@ struct WaitOpts {
 enum FixtureCommand {
     /// The EZ Focus accounts API: `GET /api` with Basic auth and a dataset key.
     #[command(
-        after_help = "Example:\n  crm-sync fixture ezfocus --port 8081 --rows 2700\n  curl -u fixture-user:fixture-password 'http://127.0.0.1:8081/api?key=00000000-0000-4000-8000-00000000a001&prov=ON&seg=&tpcl=SUCC,LRS,MED'"
+        after_help = "Example:\n  crm-sync fixture ezfocus --port 8081 --rows 2700 --edition 1\n  curl -u fixture-user:fixture-password 'http://127.0.0.1:8081/api?key=00000000-0000-4000-8000-00000000a001&prov=ON&seg=&tpcl=SUCC,LRS,MED'"
     )]
     Ezfocus {
         /// Address to bind (0.0.0.0 in a container).
@@ -244,6 +244,10 @@ enum FixtureCommand {
         /// Seed of the synthetic data: same seed, same bytes.
         #[arg(long, default_value_t = crate::fixtures::ezfocus::DEFAULT_SEED)]
         seed: u64,
+        /// Edition of the list (0-9): each one updates, closes and opens a few accounts, so a
+        /// merge pipeline run after a restart with the next edition has changes to apply.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=9))]
+        edition: u32,
     },
     /// The Qashier back office: a login page, a slow customer list, Export and a CSV download.
     #[command(
@@ -261,6 +265,9 @@ enum FixtureCommand {
         /// How long the customer list takes to load before Export appears.
         #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
         list_delay: Duration,
+        /// Edition of the customer list (0-9): each one changes, removes and adds a few customers.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=9))]
+        edition: u32,
     },
 }
 
@@ -594,16 +601,20 @@ async fn serve_fixture(fixture: FixtureCommand) -> anyhow::Result<ExitCode> {
             port,
             rows,
             seed,
+            edition,
         } => {
             let cfg = ezfocus::EzFocusConfig {
                 rows,
                 seed,
+                edition,
                 ..ezfocus::EzFocusConfig::default()
             };
             let key = cfg.accounts_key().unwrap_or_default().to_string();
+            let answered =
+                ezfocus::expected_account_count(&cfg, &ezfocus::AccountsQuery::standard());
             let server = ezfocus::EzFocusFixture::start(cfg, bind(host, port).await?).await?;
             println!(
-                "EZ Focus fixture at {}/api ({rows} accounts)",
+                "EZ Focus fixture at {}/api ({answered} accounts, edition {edition})",
                 server.base_url()
             );
             println!(
@@ -619,15 +630,17 @@ async fn serve_fixture(fixture: FixtureCommand) -> anyhow::Result<ExitCode> {
             port,
             rows,
             list_delay,
+            edition,
         } => {
             let cfg = qashier::QashierConfig {
                 rows,
                 list_delay,
+                edition,
                 ..qashier::QashierConfig::default()
             };
             let server = qashier::QashierFixture::start(cfg, bind(host, port).await?).await?;
             println!(
-                "Qashier fixture at {} ({rows} customers)",
+                "Qashier fixture at {} (edition {edition})",
                 server.login_url()
             );
             println!(

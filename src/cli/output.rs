@@ -99,6 +99,22 @@ pub fn print_run(d: &RunDetail) {
                     out["inserted"], out["updated"], out["unchanged"], out["deleted"]
                 );
             }
+            if let Some(skipped) = out["skipped"].as_object().filter(|m| !m.is_empty()) {
+                let what: Vec<String> = skipped.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                let keys: Vec<&str> = out["skipped_keys"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+                    .unwrap_or_default();
+                println!(
+                    "       left out  {}{}",
+                    what.join(", "),
+                    if keys.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (e.g. {})", keys.join(", "))
+                    }
+                );
+            }
             println!("       output {}", one_line(&out.to_string(), 200));
         }
         if let Some(e) = &s.error {

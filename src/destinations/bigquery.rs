@@ -193,10 +193,11 @@ pub async fn merge(
         ))
         .await?;
     }
+    // Null key parts equal each other, as in the PostgreSQL merge and the validate step.
     let on = m
         .key
         .iter()
-        .map(|k| format!("T.{k} = S.{k}"))
+        .map(|k| format!("T.{k} IS NOT DISTINCT FROM S.{k}"))
         .collect::<Vec<_>>()
         .join(" AND ");
     let hash = |alias: &str| {

@@ -39,6 +39,11 @@ pub enum DestinationConfig {
         /// truncated extract must not delete the table.
         #[serde(default = "default_max_delete_share")]
         max_delete_share: f64,
+        /// How many rows a merge may leave out because their key is empty (every key column null
+        /// or "") or repeats an earlier row's key (the first row of a key wins). 0, the default:
+        /// any such row fails the validation, naming the keys.
+        #[serde(default)]
+        skip_dirty_keys: u64,
     },
     /// A BigQuery table, replaced by one load job (WRITE_TRUNCATE) from the batch staged in GCS.
     Bigquery {
@@ -60,6 +65,8 @@ pub enum DestinationConfig {
         deletes: DeleteMode,
         #[serde(default = "default_max_delete_share")]
         max_delete_share: f64,
+        #[serde(default)]
+        skip_dirty_keys: u64,
     },
 }
 
@@ -90,13 +97,21 @@ fn default_max_delete_share() -> f64 {
 }
 
 /// The write settings both destinations share.
-fn check_write(write: WriteMode, key: &[String], max_delete_share: f64) -> Result<(), String> {
+fn check_write(
+    write: WriteMode,
+    key: &[String],
+    max_delete_share: f64,
+    skip_dirty_keys: u64,
+) -> Result<(), String> {
     match write {
         WriteMode::Merge if key.is_empty() => {
             return Err("write = \"merge\" needs a key: key = [\"column\", ...]".into());
         }
         WriteMode::Replace if !key.is_empty() => {
             return Err("key only applies to write = \"merge\"".into());
+        }
+        WriteMode::Replace if skip_dirty_keys > 0 => {
+            return Err("skip_dirty_keys only applies to write = \"merge\"".into());
         }
         _ => {}
     }
@@ -119,6 +134,8 @@ pub struct MergeSettings {
     pub key: Vec<String>,
     pub deletes: DeleteMode,
     pub max_delete_share: f64,
+    /// Rows with an empty or repeated key the transform may leave out (0: none, dirty keys fail).
+    pub skip_dirty_keys: u64,
 }
 
 impl DestinationConfig {
@@ -130,6 +147,7 @@ impl DestinationConfig {
                 key,
                 deletes,
                 max_delete_share,
+                skip_dirty_keys,
                 ..
             }
             | DestinationConfig::Bigquery {
@@ -137,11 +155,13 @@ impl DestinationConfig {
                 key,
                 deletes,
                 max_delete_share,
+                skip_dirty_keys,
                 ..
             } => Some(MergeSettings {
                 key: key.clone(),
                 deletes: *deletes,
                 max_delete_share: *max_delete_share,
+                skip_dirty_keys: *skip_dirty_keys,
             }),
             _ => None,
         }
@@ -170,10 +190,11 @@ impl DestinationConfig {
                 write,
                 key,
                 max_delete_share,
+                skip_dirty_keys,
                 ..
             } => {
                 postgres::split_table(table)?;
-                check_write(*write, key, *max_delete_share)?;
+                check_write(*write, key, *max_delete_share, *skip_dirty_keys)?;
                 if let Some(ddl) = create_table
                     && !ddl
                         .trim_start()
@@ -194,9 +215,10 @@ impl DestinationConfig {
                 write,
                 key,
                 max_delete_share,
+                skip_dirty_keys,
                 ..
             } => {
-                check_write(*write, key, *max_delete_share)?;
+                check_write(*write, key, *max_delete_share, *skip_dirty_keys)?;
                 for (what, name) in [("project", project), ("dataset", dataset), ("table", table)] {
                     let ok = !name.is_empty()
                         && name

@@ -71,6 +71,11 @@ impl Columns<'_> {
     }
 }
 
+/// The name of the unique index a merge keeps on its key (dropped again by a replace).
+fn merge_index(table: &str) -> String {
+    format!("{table}_merge_key")
+}
+
 /// The bookkeeping columns of a merged table.
 const MERGE_COLUMNS: [(&str, &str); 4] = [
     ("first_seen_batch", "text"),
@@ -144,6 +149,22 @@ pub async fn load(
         .await
         .map_err(load_error)?;
     let mut statements = vec![format!("CREATE SCHEMA IF NOT EXISTS {schema}")];
+    // A merge into a table an earlier replace wrote (no key index yet) first removes the rows that
+    // cannot be keyed, so the index can be built; the batch brings their keys back.
+    let mut unkeyable_removed = 0;
+    if let Some(m) = merge
+        && exists
+    {
+        let indexed: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("{schema}.{}", merge_index(&name)))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(load_error)?;
+        if !indexed {
+            unkeyable_removed =
+                remove_unkeyable(&mut tx, &format!("{schema}.{name}"), &m.key).await?;
+        }
+    }
     if !exists {
         statements
             .push(create_table.map_or_else(|| columns.ddl(&schema, &name, merge), str::to_string));
@@ -151,6 +172,11 @@ pub async fn load(
     let target = format!("{schema}.{name}");
     let copy_into = match merge {
         None => {
+            // A table that merged before: its key index would refuse a replace batch's repeats.
+            statements.push(format!(
+                "DROP INDEX IF EXISTS {schema}.{}",
+                merge_index(&name)
+            ));
             statements.push(format!("DELETE FROM {target}"));
             target.clone()
         }
@@ -161,8 +187,10 @@ pub async fn load(
                     "ALTER TABLE {target} ADD COLUMN IF NOT EXISTS {col} {ty}"
                 ));
             }
+            // NULLS NOT DISTINCT: a key part may be null, and null equals null (PostgreSQL 15+).
             statements.push(format!(
-                "CREATE UNIQUE INDEX IF NOT EXISTS {name}_merge_key ON {target} ({})",
+                "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {target} ({}) NULLS NOT DISTINCT",
+                merge_index(&name),
                 m.key.join(", ")
             ));
             statements.push(format!(
@@ -225,7 +253,7 @@ pub async fn load(
             json!({
                 "table": target, "rows": copied, "batch_id": ctx.batch_id, "write": "merge",
                 "inserted": c.inserted, "updated": c.updated, "unchanged": c.unchanged,
-                "deleted": c.deleted,
+                "deleted": c.deleted, "unkeyable_removed": unkeyable_removed,
             })
         }
     };
@@ -253,6 +281,40 @@ pub async fn load(
     })
 }
 
+/// Deletes the rows of `target` whose key is empty (every part null or "") or shared with another
+/// row: what an earlier replace may have left, and what a unique key index cannot hold.
+async fn remove_unkeyable(
+    tx: &mut PgConnection,
+    target: &str,
+    key: &[String],
+) -> Result<u64, StepError> {
+    let cols = key.join(", ");
+    let empty = key
+        .iter()
+        .map(|k| format!("(t.{k} IS NULL OR t.{k}::text = '')"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let array = |alias: &str| {
+        format!(
+            "jsonb_build_array({})",
+            key.iter()
+                .map(|k| format!("{alias}{k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let removed = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM {target} t WHERE ({empty}) OR {} IN (
+             SELECT {} FROM {target} GROUP BY {cols} HAVING count(*) > 1)",
+        array("t."),
+        array(""),
+    )))
+    .execute(&mut *tx)
+    .await
+    .map_err(load_error)?;
+    Ok(removed.rows_affected())
+}
+
 /// Merges `crm_sync_merge_stage` into `target` by key, inside the load's transaction.
 async fn merge_stage(
     tx: &mut PgConnection,
@@ -261,12 +323,18 @@ async fn merge_stage(
     m: &MergeSettings,
     batch_id: &str,
 ) -> Result<MergeCounts, StepError> {
-    let key_match = m
-        .key
-        .iter()
-        .map(|k| format!("s.{k} = t.{k}"))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    // Keys compare as JSON arrays: null parts equal each other, and the anti-join can still hash.
+    let key_array = |alias: &str| {
+        format!(
+            "jsonb_build_array({})",
+            m.key
+                .iter()
+                .map(|k| format!("{alias}.{k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let key_match = format!("{} = {}", key_array("s"), key_array("t"));
     let missing = format!(
         "t.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM crm_sync_merge_stage s WHERE {key_match})"
     );
@@ -295,7 +363,7 @@ async fn merge_stage(
     .map_err(load_error)?;
     if live > 0 && to_delete as f64 > m.max_delete_share * live as f64 {
         return Err(StepError::terminal(format!(
-            "the merge would delete {to_delete} of {live} live rows ({:.0} %), more than max_delete_share              ({:.0} %); nothing was changed (is the extract truncated?)",
+            "the merge would delete {to_delete} of {live} live rows ({:.0} %), more than max_delete_share ({:.0} %); nothing was changed (is the extract truncated?)",
             to_delete as f64 * 100.0 / live as f64,
             m.max_delete_share * 100.0
         )));

@@ -98,6 +98,13 @@ pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<V
     let batch_id = ctx.batch_id.clone();
     let staging_tmp = store.temp_path(&staging_name);
     let tmp = staging_tmp.clone();
+    // A merge allowed to skip dirty keys leaves them out here; the validate step caps how many.
+    let mut keys = pipeline
+        .destination
+        .as_ref()
+        .and_then(|d| d.merge())
+        .filter(|m| m.skip_dirty_keys > 0)
+        .map(|m| transform::KeyFilter::new(m.key));
     let stats = tokio::task::spawn_blocking(move || {
         let input = std::fs::File::open(&raw).map_err(|e| {
             StepError::retryable(format!("cannot open the raw backup {}: {e}", raw.display()))
@@ -105,12 +112,22 @@ pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<V
         let output = std::fs::File::create(&tmp)
             .map_err(|e| StepError::retryable(format!("cannot create the staging object: {e}")))?;
         let stats = match config.kind {
-            TransformKind::Json => {
-                transform::json_to_ndjson(&config, input, &output, &batch_id, Utc::now())?
-            }
-            TransformKind::Csv => {
-                transform::csv_to_ndjson(&config, input, &output, &batch_id, Utc::now())?
-            }
+            TransformKind::Json => transform::json_to_ndjson(
+                &config,
+                input,
+                &output,
+                &batch_id,
+                Utc::now(),
+                keys.as_mut(),
+            )?,
+            TransformKind::Csv => transform::csv_to_ndjson(
+                &config,
+                input,
+                &output,
+                &batch_id,
+                Utc::now(),
+                keys.as_mut(),
+            )?,
         };
         output
             .sync_all()
@@ -135,22 +152,36 @@ pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<V
         "rows": stats.rows,
         "warnings": stats.warnings,
         "dropped_fields": stats.dropped_fields,
+        "skipped": stats.skipped,
+        "skipped_keys": stats.skipped_keys,
     }))
 }
 
 pub async fn validate(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Value, StepError> {
     let mut config = pipeline.validate.clone().unwrap_or_default();
     // A merge needs every key present and unique in the batch: the gate says which keys are not.
-    if let Some(m) = pipeline.destination.as_ref().and_then(|d| d.merge()) {
-        for rule in [validate::Rule::NotNull, validate::Rule::Unique] {
-            config.checks.push(validate::Check {
-                columns: m.key.clone(),
-                rule,
-                severity: validate::Severity::Error,
-                max_violations: 0,
-            });
-        }
+    let merge = pipeline.destination.as_ref().and_then(|d| d.merge());
+    if let Some(m) = &merge {
+        config.checks.push(validate::Check {
+            columns: m.key.clone(),
+            rule: validate::Rule::MergeKey,
+            severity: validate::Severity::Error,
+            max_violations: 0,
+        });
     }
+    // Rows the transform left out for their keys: at most `skip_dirty_keys` of them.
+    let skipped: std::collections::BTreeMap<String, u64> = ctx
+        .inputs
+        .get(TRANSFORM)
+        .and_then(|o| o.get("skipped"))
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default();
+    let skipped_keys: Vec<String> = ctx
+        .inputs
+        .get(TRANSFORM)
+        .and_then(|o| o.get("skipped_keys"))
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default();
     let staging_copy =
         backup::local_copy(input_str(ctx, TRANSFORM, "object")?, &pipeline.backup).await?;
     let staging = staging_copy.path.clone();
@@ -167,6 +198,29 @@ pub async fn validate(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Va
     .await
     .map_err(|e| StepError::retryable(format!("validation task failed: {e}")))??;
     drop(staging_copy);
+    let mut report = report;
+    let total_skipped: u64 = skipped.values().sum();
+    if let Some(m) = merge.filter(|_| total_skipped > 0) {
+        let what = skipped
+            .iter()
+            .map(|(reason, n)| format!("{reason}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let named = if skipped_keys.is_empty() {
+            String::new()
+        } else {
+            format!(" (duplicates e.g. {})", skipped_keys.join(", "))
+        };
+        if total_skipped > m.skip_dirty_keys {
+            report.errors.push(format!(
+                "{total_skipped} rows have an empty or repeated merge key ({what}){named}, more than skip_dirty_keys = {}",
+                m.skip_dirty_keys
+            ));
+        }
+        for (reason, n) in skipped {
+            report.warnings.insert(format!("left out: {reason}"), n);
+        }
+    }
     if !report.errors.is_empty() {
         return Err(StepError::terminal(format!(
             "validation failed; the destination was left as it was: {}",

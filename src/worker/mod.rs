@@ -491,6 +491,17 @@ fn count_success(shared: &Shared, f: &Finished) {
             }
         }
     }
+    // Rows a merge's transform left out for an empty or repeated key.
+    if step.step_name == crate::pipeline::TRANSFORM
+        && let Ok(done) = &f.result
+        && let Some(skipped) = done.output()["skipped"].as_object()
+        && !skipped.is_empty()
+    {
+        metrics
+            .merge_rows_total
+            .with_label_values(&[&step.pipeline, "skipped"])
+            .inc_by(skipped.values().filter_map(Value::as_u64).sum());
+    }
     let last_step = shared
         .executor
         .pipeline(&step.pipeline)

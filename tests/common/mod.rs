@@ -345,3 +345,65 @@ impl Drop for ApiServer {
         self.stop.cancel();
     }
 }
+
+/// The destination settings a merge uses (what [`merge_mode`] uncomments).
+const MERGE_SETTINGS: [&str; 5] = [
+    "write",
+    "key",
+    "deletes",
+    "skip_dirty_keys",
+    "max_delete_share",
+];
+
+/// An example config with its destination switched to `write = "merge"` the way its comments say:
+/// the `write = "replace"` line dropped and the commented merge settings below it uncommented.
+pub fn merge_mode(example: &str) -> String {
+    let mut out = Vec::new();
+    let mut in_merge_block = false;
+    let mut switched = false;
+    for line in example.lines() {
+        if line.starts_with("write = \"replace\"") {
+            in_merge_block = true;
+            continue;
+        }
+        if in_merge_block {
+            match line.strip_prefix("# ") {
+                Some(setting)
+                    if MERGE_SETTINGS
+                        .iter()
+                        .any(|k| setting.starts_with(&format!("{k} = "))) =>
+                {
+                    switched |= setting.starts_with("write = \"merge\"");
+                    out.push(setting.to_string());
+                    continue;
+                }
+                Some(_) => {}
+                None => in_merge_block = line.starts_with('#'),
+            }
+        }
+        out.push(line.to_string());
+    }
+    assert!(
+        switched,
+        "the example has no commented write = \"merge\" block"
+    );
+    out.join("\n") + "\n"
+}
+
+/// A step's output (`null` when the step has none).
+pub async fn step_output(pool: &PgPool, run: Uuid, step: &str) -> serde_json::Value {
+    sqlx::query_scalar::<_, Option<serde_json::Value>>(
+        "SELECT output FROM crm_sync.steps WHERE run_id = $1 AND name = $2",
+    )
+    .bind(run)
+    .bind(step)
+    .fetch_one(pool)
+    .await
+    .expect("step exists")
+    .unwrap_or_default()
+}
+
+/// A merge load's inserted, updated, unchanged and deleted counts.
+pub fn merge_counts(load_output: &serde_json::Value) -> [i64; 4] {
+    ["inserted", "updated", "unchanged", "deleted"].map(|k| load_output[k].as_i64().unwrap_or(-1))
+}

@@ -376,6 +376,11 @@ function stepRow(s) {
     outputs.push(h("div", { class: "merge" },
       `${out.inserted} inserted, ${out.updated} updated, ${out.unchanged} unchanged, ${out.deleted} deleted`));
   }
+  if (out.skipped && Object.keys(out.skipped).length) {
+    const what = Object.entries(out.skipped).map(([k, v]) => `${k}: ${v}`).join(", ");
+    const keys = (out.skipped_keys || []).length ? ` (e.g. ${out.skipped_keys.join(", ")})` : "";
+    outputs.push(h("div", { class: "skipped" }, `left out: ${what}${keys}`));
+  }
   if (out.reused_from_run || s.reused_from_run) outputs.push(h("div", { class: "muted small" }, "reused from ", link(`/runs/${s.reused_from_run}`, shortId(s.reused_from_run))));
   const attempts = (s.attempt_log || []).map((a) =>
     h("li", {}, `#${a.attempt} ${a.outcome} on ${a.worker_id}, ${fmtDuration(between(a.started_at, a.finished_at))}`,
