@@ -173,10 +173,10 @@ pub fn merge_key(row: &Map<String, Value>, columns: &[String]) -> Option<String>
 
 /// Reads a JSON array of records from `input` and writes one cast record per line to `output`
 /// (leaving out the rows `keys` refuses, when given).
-pub fn json_to_ndjson(
+pub fn json_to_ndjson<R: Read, W: Write>(
     config: &TransformConfig,
-    input: impl Read,
-    output: impl Write,
+    input: R,
+    output: W,
     batch_id: &str,
     prepared_at: DateTime<Utc>,
     keys: Option<&mut KeyFilter>,
@@ -216,10 +216,10 @@ pub fn json_to_ndjson(
 /// Reads a CSV export (header row, BOM tolerated, quoted or bare fields) and writes one cast record
 /// per line. The header must name exactly the source fields of the declared columns: a changed
 /// header is a terminal error naming what is missing and what is unexpected.
-pub fn csv_to_ndjson(
+pub fn csv_to_ndjson<R: Read, W: Write>(
     config: &TransformConfig,
-    input: impl Read,
-    output: impl Write,
+    input: R,
+    output: W,
     batch_id: &str,
     prepared_at: DateTime<Utc>,
     mut keys: Option<&mut KeyFilter>,
@@ -553,5 +553,55 @@ columns = [
         }
         let stats = json_to_ndjson(&config(), &b"[]"[..], Vec::new(), "b", at, None).unwrap();
         assert_eq!(stats.rows, 0);
+    }
+
+    #[test]
+    fn the_key_filter_leaves_out_empty_and_repeated_keys_first_row_winning() {
+        let config: TransformConfig = toml::from_str(
+            r#"
+kind = "json"
+columns = [
+  { name = "store", type = "string" },
+  { name = "phone", type = "string" },
+  { name = "points", type = "integer" },
+]
+"#,
+        )
+        .unwrap();
+        let input = br#"[
+            {"store": "A", "phone": "1", "points": 1},
+            {"store": "A", "phone": "1", "points": 2},
+            {"store": "A", "phone": null, "points": 3},
+            {"store": "A", "phone": null, "points": 4},
+            {"store": "A", "phone": "", "points": 5},
+            {"store": null, "phone": "", "points": 6},
+            {"store": "", "phone": null, "points": 7}
+        ]"#;
+        let mut keys = KeyFilter::new(vec!["store".into(), "phone".into()]);
+        let mut out = Vec::new();
+        let at = Utc.with_ymd_and_hms(2024, 1, 2, 3, 4, 5).unwrap();
+        let stats =
+            json_to_ndjson(&config, &input[..], &mut out, "b", at, Some(&mut keys)).unwrap();
+        let points: Vec<i64> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["points"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect();
+        // A null part equals another null part (a blank text is null once cast); all-empty keys
+        // are left out; the first row of a key wins.
+        assert_eq!(points, vec![1, 3]);
+        assert_eq!(stats.rows, 2);
+        assert_eq!(
+            stats.skipped,
+            BTreeMap::from([
+                ("duplicate store+phone".to_string(), 3),
+                ("empty store+phone".to_string(), 2)
+            ])
+        );
+        assert_eq!(stats.skipped_keys, vec!["A+1", "A+null", "A+null"]);
     }
 }

@@ -32,16 +32,7 @@ async fn setup() -> Setup {
     let fixture = EzFocusFixture::start_on_free_port(EzFocusConfig::default())
         .await
         .unwrap();
-    let gcs = FakeGcs::start().await;
-    let bq = BqEmulator::start(&gcs.root).await;
-    let store = GcsStore::new(
-        Some(gcs.endpoint()),
-        Some(PROJECT.into()),
-        GcpAuth::Anonymous,
-    )
-    .await
-    .unwrap();
-    store.ensure_bucket(BUCKET).await.unwrap();
+    let (gcs, bq) = common::emulators::gcp_with_bucket(PROJECT, BUCKET).await;
 
     let secrets = tempfile::tempdir().unwrap();
     let text = common::ezfocus::gcp_example_config(

@@ -11,13 +11,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::emulators::{BqEmulator, FakeGcs};
+use common::emulators::BqEmulator;
 use common::ezfocus::{BUCKET, PROJECT};
 use common::{RunningWorker, TestDb, wait_for_run};
 use crm_sync::fixtures::ezfocus::{self, AccountsQuery, EzFocusConfig, EzFocusFixture, Fault};
 use crm_sync::gcp::GcpAuth;
 use crm_sync::gcp::bigquery::BigQueryLoader;
-use crm_sync::gcp::gcs::GcsStore;
 use crm_sync::queue::{self, Trigger};
 use serde_json::json;
 use uuid::Uuid;
@@ -73,18 +72,7 @@ async fn gcs_and_bigquery_crashing_mid_run_are_retried_and_the_run_completes_who
     let fixture = EzFocusFixture::start_on_free_port(EzFocusConfig::default())
         .await
         .unwrap();
-    let mut gcs = FakeGcs::start().await;
-    let mut bq = BqEmulator::start(&gcs.root).await;
-    GcsStore::new(
-        Some(gcs.endpoint()),
-        Some(PROJECT.into()),
-        GcpAuth::Anonymous,
-    )
-    .await
-    .unwrap()
-    .ensure_bucket(BUCKET)
-    .await
-    .unwrap();
+    let (mut gcs, mut bq) = common::emulators::gcp_with_bucket(PROJECT, BUCKET).await;
     let secrets = tempfile::tempdir().unwrap();
     let config = db
         .config(&common::ezfocus::gcp_example_config(

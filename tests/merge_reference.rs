@@ -7,13 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::emulators::{BqEmulator, FakeGcs};
 use common::{TestDb, merge_counts, merge_mode, step_output};
 use crm_sync::fixtures::ezfocus::{EzFocusConfig, EzFocusFixture, Fault};
-use crm_sync::fixtures::qashier::{QashierConfig, QashierFixture};
 use crm_sync::gcp::GcpAuth;
 use crm_sync::gcp::bigquery::BigQueryLoader;
-use crm_sync::gcp::gcs::GcsStore;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -165,18 +162,7 @@ async fn ezfocus_accounts_merge_into_bigquery_through_a_staging_table() {
     let fixture = EzFocusFixture::start_on_free_port(EzFocusConfig::default())
         .await
         .unwrap();
-    let gcs = FakeGcs::start().await;
-    let bq = BqEmulator::start(&gcs.root).await;
-    GcsStore::new(
-        Some(gcs.endpoint()),
-        Some(PROJECT.into()),
-        GcpAuth::Anonymous,
-    )
-    .await
-    .unwrap()
-    .ensure_bucket(BUCKET)
-    .await
-    .unwrap();
+    let (gcs, bq) = common::emulators::gcp_with_bucket(PROJECT, BUCKET).await;
     let secrets = tempfile::tempdir().unwrap();
     let text = common::ezfocus::gcp_example_config(
         &fixture,
@@ -253,12 +239,7 @@ async fn ezfocus_accounts_merge_into_bigquery_through_a_staging_table() {
 #[tokio::test]
 async fn qashier_customers_merge_by_store_name_phone_and_join_date() {
     let db = TestDb::new().await;
-    let fixture = QashierFixture::start_on_free_port(QashierConfig {
-        list_delay: Duration::from_millis(300),
-        ..QashierConfig::default()
-    })
-    .await
-    .unwrap();
+    let fixture = common::qashier::quick_fixture().await;
     let (secrets, backups) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let text = common::qashier::example_config(
         &fixture,

@@ -111,24 +111,18 @@ pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<V
         })?;
         let output = std::fs::File::create(&tmp)
             .map_err(|e| StepError::retryable(format!("cannot create the staging object: {e}")))?;
-        let stats = match config.kind {
-            TransformKind::Json => transform::json_to_ndjson(
-                &config,
-                input,
-                &output,
-                &batch_id,
-                Utc::now(),
-                keys.as_mut(),
-            )?,
-            TransformKind::Csv => transform::csv_to_ndjson(
-                &config,
-                input,
-                &output,
-                &batch_id,
-                Utc::now(),
-                keys.as_mut(),
-            )?,
+        let convert = match config.kind {
+            TransformKind::Json => transform::json_to_ndjson::<std::fs::File, &std::fs::File>,
+            TransformKind::Csv => transform::csv_to_ndjson::<std::fs::File, &std::fs::File>,
         };
+        let stats = convert(
+            &config,
+            input,
+            &output,
+            &batch_id,
+            Utc::now(),
+            keys.as_mut(),
+        )?;
         output
             .sync_all()
             .map_err(|e| StepError::retryable(format!("cannot write the staging object: {e}")))?;

@@ -314,3 +314,21 @@ impl Drop for BqEmulator {
         kill(&mut self.child);
     }
 }
+
+/// fake-gcs-server with `bucket` created, and bqemulator reading from it: what a GCP pipeline test
+/// needs before its first run.
+pub async fn gcp_with_bucket(project: &str, bucket: &str) -> (FakeGcs, BqEmulator) {
+    let gcs = FakeGcs::start().await;
+    let bq = BqEmulator::start(&gcs.root).await;
+    crm_sync::gcp::gcs::GcsStore::new(
+        Some(gcs.endpoint()),
+        Some(project.into()),
+        crm_sync::gcp::GcpAuth::Anonymous,
+    )
+    .await
+    .expect("GCS client")
+    .ensure_bucket(bucket)
+    .await
+    .expect("bucket");
+    (gcs, bq)
+}

@@ -36,3 +36,13 @@ pub fn example_config(
     .replace("retry_backoff = \"30s\"", "retry_backoff = \"100ms\"")
     .replace("[worker]", "[worker]\npoll_interval = \"100ms\"")
 }
+
+/// The Qashier fixture with a short list delay (300 ms), as pipeline tests start it.
+pub async fn quick_fixture() -> QashierFixture {
+    QashierFixture::start_on_free_port(qashier::QashierConfig {
+        list_delay: std::time::Duration::from_millis(300),
+        ..qashier::QashierConfig::default()
+    })
+    .await
+    .expect("qashier fixture")
+}
