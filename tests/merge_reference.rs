@@ -65,9 +65,38 @@ async fn ezfocus_accounts_merge_by_store_id_across_editions_and_switch_modes() {
 
     // Edition 0: 2,700 accounts, of which 3 repeat an earlier store_id and 3 have none: those six
     // are left out (skip_dirty_keys = 10) and named; the other 2,694 are inserted.
-    let (run1, status, load) = run(&db, &merge, "ezfocus_accounts").await;
+    let metrics = crm_sync::metrics::Metrics::new();
+    let worker = common::RunningWorker::start_with_metrics(&db, &merge, metrics.clone()).await;
+    let run1 = crm_sync::queue::enqueue(
+        &db.pool,
+        "ezfocus_accounts",
+        &json!({}),
+        None,
+        crm_sync::queue::Trigger::Cli,
+    )
+    .await
+    .unwrap();
+    let status = common::wait_for_run(&db.pool, run1, Duration::from_secs(180)).await;
+    worker.stop().await;
+    let load = step_output(&db.pool, run1, "load").await;
     assert_eq!(status, "succeeded", "{load}");
     assert_eq!(merge_counts(&load), [2694, 0, 0, 0], "{load}");
+    let text = metrics.render();
+    for (change, n) in [("inserted", 2694), ("skipped", 6)] {
+        let line = format!(
+            "crm_sync_merge_rows_total{{change=\"{change}\",pipeline=\"ezfocus_accounts\"}} {n}"
+        );
+        assert!(text.contains(&line), "{line} missing:\n{text}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = common::write_config(dir.path(), &db, &merge_mode(&replace_text));
+    let (code, stdout, stderr) = common::run_binary(&file, &["show", &run1.to_string()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("merge  2694 inserted, 0 updated, 0 unchanged, 0 deleted")
+            && stdout.contains("left out  duplicate store_id: 3, empty store_id: 3 (e.g. "),
+        "{stdout}"
+    );
     let transform = step_output(&db.pool, run1, "transform").await;
     assert_eq!(
         transform["skipped"],
@@ -119,13 +148,29 @@ async fn ezfocus_accounts_merge_by_store_id_across_editions_and_switch_modes() {
     .unwrap();
     assert_eq!((changed_phones, first_seen_later, hashed), (54, 20, 2660));
 
-    // A truncated extract (half the accounts) changes nothing: the gate stops it.
+    // A truncated extract (half the accounts) changes nothing: the gate's max_drop stops it, and
+    // without the row-count checks the merge's own deletion guard (max_delete_share = 0.2) does.
     fixture.faults().set(Fault::RowLimit(1_300));
     let (_, status, load) = run(&db, &merge, "ezfocus_accounts").await;
     assert_eq!(status, "failed", "{load}");
     assert!(
         load["error"].as_str().unwrap().contains("dropped"),
         "{load}"
+    );
+    assert_eq!(
+        pg_table(&db, table).await,
+        (expected_live.clone(), expected_deleted.clone())
+    );
+    let unguarded = merge_mode(&replace_text)
+        .replace("min_rows = 2600\n", "min_rows = 1\n")
+        .replace("max_drop = 0.2\n", "");
+    let unguarded = db.config(&unguarded).await;
+    let (_, status, load) = run(&db, &unguarded, "ezfocus_accounts").await;
+    assert_eq!(status, "failed", "{load}");
+    let error = load["error"].as_str().unwrap();
+    assert!(
+        error.contains("of 2660 live rows") && error.contains("more than max_delete_share (20 %)"),
+        "{error}"
     );
     assert_eq!(
         pg_table(&db, table).await,
