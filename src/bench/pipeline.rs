@@ -2,6 +2,10 @@
 //! synthetic accounts from the in-process fixture -> local backup -> transform -> validate ->
 //! PostgreSQL, run by the real worker. Prints rows per second per step and overall, and peak RSS, so
 //! that streaming (flat memory as N grows) is measured, not assumed.
+//!
+//! `--write merge` measures the incremental load instead: a first run inserts the N accounts, then
+//! the fixture moves to its next edition (about 1 % of the accounts updated, 1 % closed, 10 opened)
+//! and the second run, the one reported, merges those changes into the N-row table.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +34,10 @@ pub struct PipelineBenchArgs {
     /// Where the batch is loaded (only `postgres` in this build).
     #[arg(long, default_value = "postgres", value_parser = ["postgres"])]
     pub destination: String,
+    /// How the batch is written: `replace` (the example as shipped) or `merge` (its commented merge
+    /// settings; the figures are those of a second run merging the fixture's next edition).
+    #[arg(long, default_value = "replace", value_parser = ["replace", "merge"])]
+    pub write: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -50,13 +58,18 @@ struct Report {
     total_seconds: f64,
     rows_per_second: f64,
     peak_rss_mib: Option<f64>,
+    /// `replace`, or `merge` with the reported run's counts.
+    write: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merge_counts: Option<serde_json::Value>,
 }
 
 pub async fn run(config: &Config, pool: PgPool, args: &PipelineBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.rows > 0, "--rows must be at least 1");
     let fixture = EzFocusFixture::start_on_free_port(EzFocusConfig::with_rows(args.rows)).await?;
     let backups = tempdir()?;
-    let bench = bench_config(config, &fixture.base_url(), &backups, args.rows)?;
+    let merge = args.write == "merge";
+    let bench = bench_config(config, &fixture.base_url(), &backups, args.rows, merge)?;
     let mut conn = pool.acquire().await?;
     registry::register(
         &mut conn,
@@ -72,22 +85,13 @@ pub async fn run(config: &Config, pool: PgPool, args: &PipelineBenchArgs) -> any
         WorkerOptions::from_config(&bench.worker),
     );
     let handle = tokio::spawn(worker.run(shutdown.clone()));
+    if merge {
+        // The initial load; the run measured below merges the next edition into its table.
+        run_once(&pool).await?;
+        fixture.set_edition(1);
+    }
     let started = Instant::now();
-    let id = queue::enqueue(&pool, PIPELINE, &json!({}), None, Trigger::Cli).await?;
-    let status = loop {
-        let (status, error): (String, Option<String>) =
-            sqlx::query_as("SELECT status, error FROM crm_sync.runs WHERE id = $1")
-                .bind(id)
-                .fetch_one(&pool)
-                .await?;
-        match status.as_str() {
-            "succeeded" => break status,
-            "failed" | "cancelled" => {
-                anyhow::bail!("benchmark run {status}: {}", error.unwrap_or_default())
-            }
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    let (id, status) = run_once(&pool).await?;
     let total = started.elapsed().as_secs_f64();
     shutdown.cancel();
     handle.await??;
@@ -110,6 +114,15 @@ pub async fn run(config: &Config, pool: PgPool, args: &PipelineBenchArgs) -> any
         .first()
         .and_then(|s| s.2["bytes"].as_u64())
         .unwrap_or(0);
+    let merge_counts = steps
+        .iter()
+        .find(|s| s.0 == "load" && s.2["write"] == "merge")
+        .map(|s| {
+            json!({
+                "inserted": s.2["inserted"], "updated": s.2["updated"],
+                "unchanged": s.2["unchanged"], "deleted": s.2["deleted"],
+            })
+        });
     let report = Report {
         rows,
         raw_bytes,
@@ -124,6 +137,8 @@ pub async fn run(config: &Config, pool: PgPool, args: &PipelineBenchArgs) -> any
         total_seconds: total,
         rows_per_second: rows as f64 / total.max(1e-9),
         peak_rss_mib: super::queue::peak_rss_mib(),
+        write: args.write.clone(),
+        merge_counts,
     };
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP TABLE IF EXISTS {}",
@@ -139,11 +154,18 @@ pub async fn run(config: &Config, pool: PgPool, args: &PipelineBenchArgs) -> any
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "bench pipeline: {} accounts ({:.1} MiB raw), fixture -> local backup -> transform -> validate -> {} ({status})",
+            "bench pipeline: {} accounts ({:.1} MiB raw), fixture -> local backup -> transform -> validate -> {} {} ({status})",
             report.rows,
             report.raw_bytes as f64 / (1024.0 * 1024.0),
-            args.destination
+            args.destination,
+            report.write,
         );
+        if let Some(c) = &report.merge_counts {
+            println!(
+                "  merge of the next edition: {} inserted, {} updated, {} unchanged, {} deleted",
+                c["inserted"], c["updated"], c["unchanged"], c["deleted"]
+            );
+        }
         for s in &report.steps {
             println!(
                 "  {:<10} {:>8.3} s  {:>10.0} rows/s",
@@ -160,6 +182,25 @@ pub async fn run(config: &Config, pool: PgPool, args: &PipelineBenchArgs) -> any
         }
     }
     Ok(())
+}
+
+/// Enqueues one run of the benchmark pipeline and waits for it to succeed.
+async fn run_once(pool: &PgPool) -> anyhow::Result<(uuid::Uuid, String)> {
+    let id = queue::enqueue(pool, PIPELINE, &json!({}), None, Trigger::Cli).await?;
+    loop {
+        let (status, error): (String, Option<String>) =
+            sqlx::query_as("SELECT status, error FROM crm_sync.runs WHERE id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await?;
+        match status.as_str() {
+            "succeeded" => return Ok((id, status)),
+            "failed" | "cancelled" => {
+                anyhow::bail!("benchmark run {status}: {}", error.unwrap_or_default())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 fn bench_table() -> &'static str {
@@ -179,6 +220,7 @@ fn bench_config(
     base_url: &str,
     backups: &std::path::Path,
     rows: usize,
+    merge: bool,
 ) -> anyhow::Result<Config> {
     let mut text = EXAMPLE
         .replace(
@@ -195,9 +237,35 @@ fn bench_config(
             &format!("max_violations = {}", rows / 50 + 10),
         )
         .replace("schedule = \"0 1 * * *\"\n", "");
+    if merge {
+        text = merge_settings(&text, rows);
+    }
     text = crate::fixtures::with_secret_files(&text, backups, &ezfocus::EXAMPLE_SECRETS)?;
     let mut bench = Config::parse(&text, std::path::Path::new("(bench pipeline)"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     bench.database_url = config.database_url.clone();
     Ok(bench)
+}
+
+/// The example's destination in merge mode: its `write = "replace"` line swapped for the commented
+/// merge settings under it, with room for the dirty keys of `rows` accounts.
+fn merge_settings(text: &str, rows: usize) -> String {
+    text.lines()
+        .filter(|l| !l.starts_with("write = \"replace\""))
+        .map(|l| match l.strip_prefix("# ") {
+            Some(setting)
+                if ["write = ", "key = ", "max_delete_share = "]
+                    .iter()
+                    .any(|k| setting.starts_with(k)) =>
+            {
+                setting.to_string()
+            }
+            Some(setting) if setting.starts_with("skip_dirty_keys = ") => {
+                format!("skip_dirty_keys = {}", rows / 100 + 10)
+            }
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
 }
