@@ -356,7 +356,12 @@ async fn a_pipeline_run_shows_rows_and_backups_the_runs_page_pages_and_cancel_st
         .await
         .unwrap();
     let (secrets, backups) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let text = common::ezfocus::example_config(&fixture, secrets.path(), backups.path());
+    // In merge mode, so the run page also shows the merge counts and the rows left out.
+    let text = common::merge_mode(&common::ezfocus::example_config(
+        &fixture,
+        secrets.path(),
+        backups.path(),
+    ));
     let config = db
         .config(&format!(
             "{text}\n[[pipelines]]\nname = \"noop\"\nsource = {{ kind = \"noop\" }}\n"
@@ -411,6 +416,21 @@ async fn a_pipeline_run_shows_rows_and_backups_the_runs_page_pages_and_cancel_st
         "rows loaded shown: {load}"
     );
     assert!(load.contains("ezfocus.accounts_list"), "{load}");
+    assert!(
+        load.contains(&format!(
+            "{loaded} inserted, 0 updated, 0 unchanged, 0 deleted"
+        )),
+        "merge counts shown: {load}"
+    );
+    let transform: String = js(
+        &page,
+        "document.querySelector('tr[data-step=\"transform\"]').innerText",
+    )
+    .await;
+    assert!(
+        transform.contains("left out: duplicate store_id: 3, empty store_id: 3 (e.g. "),
+        "rows left out shown: {transform}"
+    );
     let objects: Vec<String> = js(
         &page,
         "[...document.querySelectorAll('#steps .object')].map(e => e.innerText)",

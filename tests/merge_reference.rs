@@ -279,6 +279,28 @@ async fn ezfocus_accounts_merge_into_bigquery_through_a_staging_table() {
         .await
         .unwrap();
     assert_eq!(tables, vec![json!({ "table_name": "Accounts_List" })]);
+
+    // Back to replace (one WRITE_TRUNCATE load job of all 2,683 rows, repeats and all), then merge
+    // again: the 9 rows no key tells apart (3 empty keys, both copies of 3 repeated ones) are removed
+    // first, the others get their hashes (updated once), the repeated keys come back (inserted).
+    let replace = db.config(&text).await;
+    let (_, status, load) = run(&db, &replace, "ezfocus_accounts").await;
+    assert_eq!(status, "succeeded", "{load}");
+    assert_eq!(
+        (load["write"].as_str(), load["rows"].as_u64()),
+        (Some("replace"), Some(2683)),
+        "{load}"
+    );
+    let (_, status, load) = run(&db, &config, "ezfocus_accounts").await;
+    assert_eq!(status, "succeeded", "{load}");
+    assert_eq!(load["unkeyable_removed"], 9, "{load}");
+    assert_eq!(merge_counts(&load), [3, 2674, 0, 0], "{load}");
+    let rows = table_state().await;
+    assert_eq!(
+        ["live", "deleted", "ids"].map(|n| number(&rows, n)),
+        [2677, 0, 2677],
+        "{rows:?}"
+    );
 }
 
 #[tokio::test]

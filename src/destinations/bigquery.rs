@@ -92,6 +92,7 @@ pub async fn load(
         "job_id": outcome.job_id,
         "source": gs_uri,
         "batch_id": ctx.batch_id,
+        "write": "replace",
     }))
 }
 
@@ -211,6 +212,35 @@ pub async fn merge(
                 .join(", ")
         )
     };
+    // Rows a key cannot tell apart (an empty key, or a key on several rows: what a replace may have
+    // left) are removed first, so that every count below is a count of keys; the batch brings
+    // their keys back. BigQuery has no unique index to keep them out, so this is checked each time.
+    let key_json = |alias: &str| {
+        format!(
+            "TO_JSON_STRING(STRUCT({}))",
+            m.key
+                .iter()
+                .map(|k| format!("{alias}{k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let empty = m
+        .key
+        .iter()
+        .map(|k| format!("(T.{k} IS NULL OR CAST(T.{k} AS STRING) = '')"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let unkeyable = format!(
+        "({empty}) OR {} IN (SELECT {} FROM {t} GROUP BY 1 HAVING COUNT(*) > 1)",
+        key_json("T."),
+        key_json(""),
+    );
+    let found = run(format!("SELECT COUNT(*) AS n FROM {t} T WHERE {unkeyable}")).await?;
+    let unkeyable_removed = number(&found, "n");
+    if unkeyable_removed > 0 {
+        run(format!("DELETE FROM {t} T WHERE {unkeyable}")).await?;
+    }
     let counts = run(format!(
         "SELECT
            (SELECT COUNT(*) FROM {s} S WHERE NOT EXISTS (SELECT 1 FROM {t} T WHERE {on})) AS inserted,
@@ -222,13 +252,7 @@ pub async fn merge(
         hs = hash("S"),
     ))
     .await?;
-    let count = |name: &str| -> i64 {
-        counts
-            .first()
-            .and_then(|r| r.get(name))
-            .and_then(|v| v.as_str().and_then(|s| s.parse().ok()).or(v.as_i64()))
-            .unwrap_or(0)
-    };
+    let count = |name: &str| number(&counts, name);
     let (inserted, updated, to_delete, live) = (
         count("inserted"),
         count("updated"),
@@ -293,5 +317,14 @@ pub async fn merge(
         "updated": updated,
         "unchanged": expected_rows as i64 - inserted - updated,
         "deleted": to_delete,
+        "unkeyable_removed": unkeyable_removed,
     }))
+}
+
+/// A number in the first row of a query's result (BigQuery returns INT64 as a string).
+fn number(rows: &[Value], name: &str) -> i64 {
+    rows.first()
+        .and_then(|r| r.get(name))
+        .and_then(|v| v.as_str().and_then(|s| s.parse().ok()).or(v.as_i64()))
+        .unwrap_or(0)
 }
