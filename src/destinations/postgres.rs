@@ -352,11 +352,21 @@ async fn merge_stage(
             duplicates.join(", ")
         )));
     }
-    // The deletion guard: a truncated extract must not delete (or soft-delete) the table.
-    let (live, to_delete): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FILTER (WHERE t.deleted_at IS NULL),
-                count(*) FILTER (WHERE {missing})
-           FROM {target} t"
+    // Planner statistics for the stage, so the joins below hash instead of looping.
+    sqlx::query("ANALYZE crm_sync_merge_stage")
+        .execute(&mut *tx)
+        .await
+        .map_err(load_error)?;
+    // The deletion guard: a truncated extract must not delete (or soft-delete) the table. (Two
+    // queries: NOT EXISTS in a WHERE clause becomes a hash anti-join; inside a FILTER it would not.)
+    let live: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {target} t WHERE t.deleted_at IS NULL"
+    )))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(load_error)?;
+    let to_delete: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {target} t WHERE {missing}"
     )))
     .fetch_one(&mut *tx)
     .await
