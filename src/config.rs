@@ -648,7 +648,31 @@ fn section<T: for<'de> Deserialize<'de>>(
 fn deserialize_table<T: for<'de> Deserialize<'de>>(
     table: toml::Table,
 ) -> Result<T, (String, String)> {
-    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+    let (mut path, message) = match try_table::<T>(&table) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    // Inside a `kind`-tagged table (source, backup, destination) serde loses the field's name.
+    // Find it by leaving the table's fields out one at a time: without the culprit the same error
+    // no longer comes first (a missing required field is only reported after every given one).
+    let segments: Vec<&str> = path.split('.').filter(|p| !p.is_empty()).collect();
+    if let Some(tagged) = sub_table(&table, &segments).filter(|t| t.contains_key("kind")) {
+        let culprit = tagged.keys().filter(|k| *k != "kind").find(|key| {
+            let mut without = table.clone();
+            if let Some(t) = sub_table_mut(&mut without, &segments) {
+                t.remove(*key);
+            }
+            try_table::<T>(&without).err() != Some((path.clone(), message.clone()))
+        });
+        if let Some(key) = culprit {
+            path = format!("{path}.{key}");
+        }
+    }
+    Err((path, message))
+}
+
+fn try_table<T: for<'de> Deserialize<'de>>(table: &toml::Table) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." {
             String::new()
@@ -657,6 +681,17 @@ fn deserialize_table<T: for<'de> Deserialize<'de>>(
         };
         (path, e.into_inner().message().trim().to_string())
     })
+}
+
+/// The table at `path` (keys only: tagged tables are not inside arrays here).
+fn sub_table<'a>(table: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Table> {
+    path.iter()
+        .try_fold(table, |t, key| t.get(*key)?.as_table())
+}
+
+fn sub_table_mut<'a>(table: &'a mut toml::Table, path: &[&str]) -> Option<&'a mut toml::Table> {
+    path.iter()
+        .try_fold(table, |t, key| t.get_mut(*key)?.as_table_mut())
 }
 
 fn check_worker(w: &WorkerConfig, line: Option<usize>, issues: &mut Vec<ConfigIssue>) {

@@ -198,9 +198,9 @@ fn cases() -> Vec<Case> {
             &[
                 "case.toml:1: worker.colour: unknown field `colour`",
                 "case.toml:3: server.colour: unknown field `colour`",
-                "case.toml:5: pipelines[0] \"a\".source: unknown field `colour`",
+                "case.toml:5: pipelines[0] \"a\".source.colour: unknown field `colour`",
                 "pipelines[1] \"b\".colour: unknown field `colour`",
-                "pipelines[2] \"c\".backup: unknown field `colour`",
+                "pipelines[2] \"c\".backup.colour: unknown field `colour`",
                 "notifications.webhooks[0] \"w\".url: unknown field `colour`",
             ],
         ),
@@ -288,7 +288,7 @@ fn cases() -> Vec<Case> {
                 "[[pipelines]]\nname = \"a\"\nsource = {{ kind = \"ezfocus\", base_url = \"http://127.0.0.1:1\", key = \"{LITERAL_SECRET}\", username = {{ env = \"U\" }}, password = {{ env = \"P\" }} }}\n"
             ),
             &[
-                "case.toml:1: pipelines[0] \"a\".source: a secret must not be written as a literal string in the config file; write { env = \"NAME\" }",
+                "case.toml:1: pipelines[0] \"a\".source.key: a secret must not be written as a literal string in the config file; write { env = \"NAME\" }",
             ],
         ),
         case(
@@ -296,7 +296,9 @@ fn cases() -> Vec<Case> {
             format!(
                 "[[pipelines]]\nname = \"a\"\n[pipelines.source]\nkind = \"ezfocus\"\nbase_url = \"http://127.0.0.1:1\"\nkey = {{ env = \"K\" }}\nusername = {{ env = \"U\" }}\npassword = \"{LITERAL_SECRET}\"\n"
             ),
-            &["pipelines[0] \"a\".source: a secret must not be written as a literal string"],
+            &[
+                "pipelines[0] \"a\".source.password: a secret must not be written as a literal string",
+            ],
         ),
         case(
             "a numeric PIN as a password",
@@ -315,7 +317,7 @@ fn cases() -> Vec<Case> {
             format!(
                 "[[pipelines]]\nname = \"a\"\nsource = {{ kind = \"browser_export\", login_url = \"http://127.0.0.1:1/login\", username = {{ env = \"U\" }}, password = \"{LITERAL_SECRET}\" }}\n"
             ),
-            &["pipelines[0] \"a\".source:"],
+            &["pipelines[0] \"a\".source.password:"],
         ),
     ]
 }

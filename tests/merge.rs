@@ -300,6 +300,14 @@ fn merge_settings_are_checked_with_their_line() {
             "max_delete_share",
         ),
         ("write = \"upsert\"\n", "unknown variant"),
+        (
+            "skip_dirty_keys = 5\n",
+            "skip_dirty_keys only applies to write = \"merge\"",
+        ),
+        (
+            "write = \"merge\"\nkey = [\"store_id\"]\nskip_dirty_keys = -1\n",
+            "destination.skip_dirty_keys: invalid value: integer `-1`, expected u64",
+        ),
     ];
     for (extra, expected) in cases {
         let text = config("http://127.0.0.1:1", dir.path(), "soft").replace(
@@ -321,41 +329,16 @@ fn merge_settings_are_checked_with_their_line() {
 async fn bigquery_merges_through_a_staging_table_with_exact_counts() {
     use crm_sync::gcp::GcpAuth;
     use crm_sync::gcp::bigquery::BigQueryLoader;
-    use crm_sync::gcp::gcs::GcsStore;
 
     let db = TestDb::new().await;
     let src = source().await;
-    let gcs = common::emulators::FakeGcs::start().await;
-    let bq = common::emulators::BqEmulator::start(&gcs.root).await;
-    GcsStore::new(
-        Some(gcs.endpoint()),
-        Some("demo".into()),
-        GcpAuth::Anonymous,
-    )
-    .await
-    .unwrap()
-    .ensure_bucket("merge-backups")
-    .await
-    .unwrap();
+    let (gcs, bq) = common::emulators::gcp_with_bucket("demo", "merge-backups").await;
     let backups = tempfile::tempdir().unwrap();
-    let text = config(&src.base, backups.path(), "soft")
-        .replace(
-            &format!("kind = \"local\"\ndir = \"{}\"", backups.path().display()),
-            &format!(
-                "kind = \"gcs\"\nbucket = \"merge-backups\"\nproject = \"demo\"\ncredentials = \"anonymous\"\nendpoint = \"{}\"",
-                gcs.endpoint()
-            ),
-        )
-        .replace(
-            "kind = \"postgres\"\ntable = \"crm.accounts\"",
-            &format!(
-                "kind = \"bigquery\"\nproject = \"demo\"\ndataset = \"crm\"\ntable = \"accounts\"\ncredentials = \"anonymous\"\nendpoint = \"{}\"",
-                bq.base_url()
-            ),
-        );
-    assert!(
-        text.contains("kind = \"bigquery\"") && text.contains("kind = \"gcs\""),
-        "{text}"
+    let text = on_gcp(
+        &config(&src.base, backups.path(), "soft"),
+        backups.path(),
+        &gcs,
+        &bq,
     );
     let config = db.config(&text).await;
 
@@ -414,5 +397,128 @@ async fn bigquery_merges_through_a_staging_table_with_exact_counts() {
             .unwrap_or_default()
             .contains("would delete 35 of 50 live rows"),
         "{out}"
+    );
+}
+
+/// A test config moved to Google Cloud: backups in the `merge-backups` bucket of fake-gcs-server,
+/// the destination the `demo.crm.accounts` table of bqemulator (same write settings).
+fn on_gcp(
+    text: &str,
+    backups: &std::path::Path,
+    gcs: &common::emulators::FakeGcs,
+    bq: &common::emulators::BqEmulator,
+) -> String {
+    let text = text
+        .replace(
+            &format!("kind = \"local\"\ndir = \"{}\"", backups.display()),
+            &format!(
+                "kind = \"gcs\"\nbucket = \"merge-backups\"\nproject = \"demo\"\ncredentials = \"anonymous\"\nendpoint = \"{}\"",
+                gcs.endpoint()
+            ),
+        )
+        .replace(
+            "kind = \"postgres\"\ntable = \"crm.accounts\"",
+            &format!(
+                "kind = \"bigquery\"\nproject = \"demo\"\ndataset = \"crm\"\ntable = \"accounts\"\ncredentials = \"anonymous\"\nendpoint = \"{}\"",
+                bq.base_url()
+            ),
+        );
+    assert!(
+        text.contains("kind = \"bigquery\"") && text.contains("kind = \"gcs\""),
+        "{text}"
+    );
+    text
+}
+
+/// A key part may be null, and null equals null: the same rows merge the same way in PostgreSQL
+/// (NULLS NOT DISTINCT index, jsonb key arrays) and BigQuery (IS NOT DISTINCT FROM).
+#[tokio::test]
+async fn composite_keys_with_null_parts_match_in_postgres_and_bigquery() {
+    let db = TestDb::new().await;
+    let src = source().await;
+    let (gcs, bq) = common::emulators::gcp_with_bucket("demo", "merge-backups").await;
+    let backups = tempfile::tempdir().unwrap();
+    let pg_text = config(&src.base, backups.path(), "soft")
+        .replace("key = [\"store_id\"]", "key = [\"store_id\", \"city\"]")
+        .replace("max_delete_share = 0.3", "max_delete_share = 0.5");
+    let gcp_text = on_gcp(&pg_text, backups.path(), &gcs, &bq)
+        .replace("name = \"accounts\"", "name = \"accounts_gcp\"");
+    // One config at a time: registering a config disables the pipelines it does not name.
+    let configs = [("accounts", pg_text), ("accounts_gcp", gcp_text)];
+    let batches = [
+        // (answer, expected [inserted, updated, unchanged, deleted])
+        (
+            json!([{"id": 1, "name": "A", "city": null}, {"id": 1, "name": "B", "city": "X"},
+                   {"id": 2, "name": "C", "city": null}]),
+            [3, 0, 0, 0],
+        ),
+        (
+            json!([{"id": 1, "name": "A2", "city": null}, {"id": 1, "name": "B", "city": "X"},
+                   {"id": 2, "name": "C", "city": null}]),
+            [0, 1, 2, 0],
+        ),
+        (
+            json!([{"id": 1, "name": "A2", "city": null}, {"id": 1, "name": "B", "city": "X"}]),
+            [0, 0, 2, 1],
+        ),
+    ];
+    for (pipeline, text) in &configs {
+        let config = &db.config(text).await;
+        for (answer, expected) in &batches {
+            *src.answer.lock().unwrap() = answer.clone();
+            let (run, status) =
+                common::run_pipeline(&db, config, pipeline, Duration::from_secs(60)).await;
+            let out = common::step_output(&db.pool, run, "load").await;
+            assert_eq!(
+                status,
+                "succeeded",
+                "{pipeline}: {}",
+                common::run_error(&db.pool, run).await
+            );
+            assert_eq!(common::merge_counts(&out), *expected, "{pipeline}: {out}");
+        }
+    }
+    // Both tables end the same: three keys, one of them (2, null) soft-deleted, (1, null) renamed.
+    let pg: Vec<(String, Option<String>, String, bool)> = sqlx::query_as(
+        "SELECT store_id, city, store_name, deleted_at IS NULL FROM crm.accounts ORDER BY 1, 2",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        pg,
+        vec![
+            ("1".into(), Some("X".into()), "B".into(), true),
+            ("1".into(), None, "A2".into(), true),
+            ("2".into(), None, "C".into(), false),
+        ]
+    );
+    let loader = crm_sync::gcp::bigquery::BigQueryLoader::new(
+        Some(bq.base_url()),
+        crm_sync::gcp::GcpAuth::Anonymous,
+    )
+    .await
+    .unwrap();
+    let rows = loader
+        .query_rows(
+            "demo",
+            "SELECT store_id, city, store_name, deleted_at IS NULL AS live FROM `demo.crm.accounts`
+              ORDER BY store_id, city",
+        )
+        .await
+        .unwrap();
+    let rows: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(
+        rows[0].contains("\"A2\"") && rows[0].contains("\"city\":null"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[1].contains("\"X\"") && rows[1].contains("true"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[2].contains("\"C\"") && rows[2].contains("false"),
+        "{rows:?}"
     );
 }
