@@ -1,5 +1,9 @@
 //! The `local` backup store: files under a directory. Each object is written to a temporary file in
 //! the same directory, fsynced, then renamed, so readers never see a partial object.
+//!
+//! A worker killed mid-write (kill -9, a crash) cannot remove its temporary file. The next write into
+//! the same directory removes such leftovers once they have not been touched for [`STALE_PARTIAL`]:
+//! a live write touches its file with every chunk, so only abandoned ones get that old.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +14,10 @@ use tokio::io::AsyncWriteExt;
 
 use super::ObjectInfo;
 use crate::pipeline::StepError;
+
+/// How long a temporary `.NAME.partial-ID` file must have been untouched before a later write into
+/// its directory removes it as abandoned.
+pub const STALE_PARTIAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone)]
 pub struct LocalStore {
@@ -30,6 +38,7 @@ impl LocalStore {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| io_error("create backup directory", &dir, e))?;
+        remove_stale_partials(&dir);
         let tmp = dir.join(format!(
             ".{}.partial-{}",
             path.file_name()
@@ -64,6 +73,7 @@ impl LocalStore {
         let path = self.root.join(name);
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         let _ = std::fs::create_dir_all(&dir);
+        remove_stale_partials(&dir);
         dir.join(format!(
             ".{}.partial-{}",
             path.file_name()
@@ -129,6 +139,35 @@ where
     Ok((bytes, hex::encode(hasher.finalize())))
 }
 
+/// Removes the temporary files of abandoned writes in `dir` (see the module docs). Best effort: a
+/// file it cannot read or remove is left for the next write.
+fn remove_stale_partials(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let is_partial = name
+            .to_str()
+            .is_some_and(|n| n.starts_with('.') && n.contains(".partial-"));
+        let untouched = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if is_partial && untouched.is_some_and(|age| age >= STALE_PARTIAL) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %entry.path().display(), "removed an abandoned partial backup object")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove an abandoned partial backup object")
+                }
+            }
+        }
+    }
+}
+
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> StepError {
     StepError::retryable(format!("cannot {what} {}: {e}", path.display()))
 }
@@ -175,5 +214,40 @@ mod tests {
             vec![std::ffi::OsString::from("c.json")],
             "a partial object was left behind"
         );
+    }
+
+    #[tokio::test]
+    async fn a_later_write_removes_partials_abandoned_for_a_day_and_keeps_fresh_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf());
+        std::fs::create_dir_all(dir.path().join("raw")).unwrap();
+        let stale = dir.path().join("raw/.a.json.partial-0123");
+        let fresh = dir.path().join("raw/.b.json.partial-4567");
+        let other = dir.path().join("raw/.keep-me");
+        for f in [&stale, &fresh, &other] {
+            std::fs::write(f, b"[1,").unwrap();
+        }
+        let old = std::time::SystemTime::now() - STALE_PARTIAL - std::time::Duration::from_secs(60);
+        for f in [&stale, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        store
+            .put_stream(
+                "raw/c.json",
+                futures::stream::iter(vec![Ok(Bytes::from_static(b"[]"))]),
+            )
+            .await
+            .unwrap();
+        assert!(!stale.exists(), "the abandoned partial is gone");
+        assert!(
+            fresh.exists(),
+            "a partial touched recently may be a live write"
+        );
+        assert!(other.exists(), "only partial objects are removed");
     }
 }
