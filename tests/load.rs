@@ -125,6 +125,13 @@ async fn ten_thousand_runs_over_four_workers_and_two_schedulers_complete_once_ea
     )
     .await;
     let drained = started.elapsed();
+    // The replicas race for at least five ticks (a fast drain can finish within four).
+    common::wait_until(
+        &db.pool,
+        "SELECT count(*) >= 5 FROM crm_sync.runs WHERE trigger = 'schedule'",
+        Duration::from_secs(30),
+    )
+    .await;
 
     // Stop scheduling, let the workers finish the last ticks, then stop them.
     for (p, name) in processes.iter_mut().zip(&roles).skip(WORKERS) {
