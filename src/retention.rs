@@ -5,6 +5,9 @@
 //! deletes at most one batch per call, so that pg_cron or psql users prune exactly as crm-sync does.
 //! This module calls it: [`prune`] repeats it until nothing is due (`crm-sync prune`, and each pass of
 //! [`Pruner`], which `crm-sync serve` runs every `[retention] interval`).
+//!
+//! Each pass also forgets the rows of worker processes that stopped, or stopped heartbeating, more
+//! than [`FORGET_WORKERS_AFTER`] ago: every process start adds one, and nothing else removes them.
 
 use std::time::{Duration, Instant};
 
@@ -59,8 +62,27 @@ pub struct PruneReport {
     pub batches: u32,
     /// Runs deleted by each call, in order (the last is 0).
     pub batch_runs: Vec<i64>,
+    /// Rows of `crm_sync.workers` forgotten (see [`FORGET_WORKERS_AFTER`]).
+    pub workers: u64,
     #[serde(serialize_with = "as_secs")]
     pub elapsed: Duration,
+}
+
+/// How long the row of a worker process is kept after it stopped or last heartbeated: long enough to
+/// read an old attempt's worker id back to a host and pid, short enough that restarts do not pile up.
+pub const FORGET_WORKERS_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Deletes the rows of workers silent for more than [`FORGET_WORKERS_AFTER`] (a live worker
+/// heartbeats every third of its lease) and returns how many went.
+pub async fn forget_workers<'c>(executor: impl PgExecutor<'c>) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM crm_sync.workers
+          WHERE greatest(heartbeat_at, coalesce(stopped_at, heartbeat_at)) < now() - make_interval(secs => $1)",
+    )
+    .bind(FORGET_WORKERS_AFTER.as_secs_f64())
+    .execute(executor)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -155,6 +177,7 @@ pub async fn prune(
             _ = stop.cancelled() => break,
         }
     }
+    report.workers = forget_workers(pool).await?;
     report.elapsed = started.elapsed();
     Ok(report)
 }
@@ -173,6 +196,7 @@ pub async fn dry_run(pool: &PgPool, policy: &RetentionConfig) -> Result<PruneRep
             break;
         }
     }
+    report.workers = forget_workers(&mut *tx).await?;
     tx.rollback().await?;
     report.elapsed = started.elapsed();
     Ok(report)

@@ -937,6 +937,39 @@ async fn two_pruners_at_once_delete_each_run_once() {
     assert_eq!(remaining, expected);
 }
 
+/// The rows of worker processes gone silent for more than a week are forgotten by each pass (a dry
+/// run counts them and keeps them); live and recently stopped workers stay.
+#[tokio::test]
+async fn worker_rows_silent_for_a_week_are_forgotten() {
+    let db = TestDb::new().await;
+    db.config(PIPELINES).await;
+    sqlx::query(
+        "INSERT INTO crm_sync.workers (id, hostname, pid, concurrency, started_at, heartbeat_at, stopped_at) VALUES
+           ('crashed-long-ago', 'h', 1, 1, now() - interval '30 days', now() - interval '8 days', NULL),
+           ('stopped-long-ago', 'h', 2, 1, now() - interval '30 days', now() - interval '9 days', now() - interval '9 days'),
+           ('stopped-yesterday', 'h', 3, 1, now() - interval '2 days', now() - interval '1 day', now() - interval '1 day'),
+           ('alive', 'h', 4, 1, now() - interval '30 days', now(), NULL)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let ids = || async {
+        sqlx::query_scalar::<_, String>("SELECT id FROM crm_sync.workers ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+    };
+    let policy = policy(10, 200);
+    let dry = retention::dry_run(&db.pool, &policy).await.unwrap();
+    assert_eq!(dry.workers, 2);
+    assert_eq!(ids().await.len(), 4, "a dry run deletes nothing");
+    let report = retention::prune(&db.pool, &policy, Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(report.workers, 2);
+    assert_eq!(ids().await, vec!["alive", "stopped-yesterday"]);
+}
+
 // ----------------------------------------------------------------------------------------------------
 // The binary: `prune --dry-run`, `prune`, `serve` pruning in the background, `serve --no-retention`,
 // `check-config`.

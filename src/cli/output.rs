@@ -250,6 +250,13 @@ pub fn print_pruned(report: &PruneReport, policy: &RetentionConfig, dry_run: boo
         report.batch_runs.iter().filter(|n| **n > 0).count(),
         report.elapsed.as_secs_f64()
     );
+    if report.workers > 0 {
+        println!(
+            "{verb} {} worker rows silent for more than {} days",
+            report.workers,
+            crate::retention::FORGET_WORKERS_AFTER.as_secs() / 86_400
+        );
+    }
     if dry_run {
         println!("dry run: nothing was deleted");
     }
