@@ -148,6 +148,20 @@ pub async fn load(
         .fetch_one(&mut *tx)
         .await
         .map_err(load_error)?;
+    if merge.is_some() {
+        // The key index treats null parts as equal (NULLS NOT DISTINCT), which PostgreSQL 15 brought.
+        let (number, version): (i32, String) = sqlx::query_as(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(load_error)?;
+        if number < 150_000 {
+            return Err(StepError::terminal(format!(
+                "write = \"merge\" needs PostgreSQL 15 or later (its key index is NULLS NOT DISTINCT); the destination runs {version}"
+            )));
+        }
+    }
     let mut statements = vec![format!("CREATE SCHEMA IF NOT EXISTS {schema}")];
     // A merge into a table an earlier replace wrote (no key index yet) first removes the rows that
     // cannot be keyed, so the index can be built; the batch brings their keys back.
