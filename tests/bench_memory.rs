@@ -9,17 +9,21 @@ use std::process::Command;
 
 use common::TestDb;
 
-fn peak_rss(bin: &str, config: &std::path::Path, rows: u32) -> f64 {
+/// Runs `crm-sync bench pipeline ARGS --json` with `bin` and returns its report.
+fn bench_report(
+    bin: &std::path::Path,
+    config: &std::path::Path,
+    args: &[&str],
+) -> serde_json::Value {
     let out = Command::new(bin)
         .args([
             "--config",
             &config.display().to_string(),
             "bench",
             "pipeline",
-            "--rows",
-            &rows.to_string(),
-            "--json",
         ])
+        .args(args)
+        .arg("--json")
         .env_remove("DATABASE_URL")
         .env("RUST_LOG", "error")
         .output()
@@ -29,7 +33,11 @@ fn peak_rss(bin: &str, config: &std::path::Path, rows: u32) -> f64 {
         "bench failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
+fn peak_rss(bin: &str, config: &std::path::Path, rows: u32) -> f64 {
+    let report = bench_report(bin.as_ref(), config, &["--rows", &rows.to_string()]);
     assert_eq!(report["rows"], rows, "{report}");
     println!("{rows} rows: {report}");
     report["peak_rss_mib"].as_f64().expect("peak RSS reported")
@@ -58,21 +66,11 @@ async fn the_merge_benchmark_reports_the_merge_of_the_next_edition() {
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let config = common::write_config(dir.path(), &db, "");
-    let out = Command::new(common::binary())
-        .args(["--config", &config.display().to_string()])
-        .args([
-            "bench", "pipeline", "--rows", "3000", "--write", "merge", "--json",
-        ])
-        .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run the benchmark");
-    assert!(
-        out.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let report = bench_report(
+        &common::binary(),
+        &config,
+        &["--rows", "3000", "--write", "merge"],
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     // Edition 1 of 3,000 accounts: 30 updated, 30 closed, 10 opened; 7 dirty keys left out.
     assert_eq!(report["write"], "merge", "{report}");
     assert_eq!(report["rows"], 2973, "{report}");

@@ -161,27 +161,16 @@ async fn successive_batches_insert_update_leave_alone_and_soft_delete_by_key() {
     // `crm-sync show`.
     *src.answer.lock().unwrap() = accounts(5..105, &[20, 30, 40]);
     let metrics = crm_sync::metrics::Metrics::new();
-    let worker = common::RunningWorker::start_with_metrics(&db, &config, metrics.clone()).await;
-    let id = crm_sync::queue::enqueue(
-        &db.pool,
+    let (id, status) = common::run_pipeline_with_metrics(
+        &db,
+        &config,
         "accounts",
-        &json!({}),
-        None,
-        crm_sync::queue::Trigger::Api,
+        Duration::from_secs(60),
+        metrics.clone(),
     )
-    .await
-    .unwrap();
-    assert_eq!(
-        common::wait_for_run(&db.pool, id, Duration::from_secs(60)).await,
-        "succeeded"
-    );
-    worker.stop().await;
-    let out: Value =
-        sqlx::query_scalar("SELECT output FROM crm_sync.steps WHERE run_id = $1 AND name = 'load'")
-            .bind(id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    .await;
+    assert_eq!(status, "succeeded");
+    let out = common::step_output(&db.pool, id, "load").await;
     assert_eq!(common::merge_counts(&out), [0, 5, 95, 0], "{out}");
     let text = metrics.render();
     for (change, n) in [

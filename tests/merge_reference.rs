@@ -66,18 +66,14 @@ async fn ezfocus_accounts_merge_by_store_id_across_editions_and_switch_modes() {
     // Edition 0: 2,700 accounts, of which 3 repeat an earlier store_id and 3 have none: those six
     // are left out (skip_dirty_keys = 10) and named; the other 2,694 are inserted.
     let metrics = crm_sync::metrics::Metrics::new();
-    let worker = common::RunningWorker::start_with_metrics(&db, &merge, metrics.clone()).await;
-    let run1 = crm_sync::queue::enqueue(
-        &db.pool,
+    let (run1, status) = common::run_pipeline_with_metrics(
+        &db,
+        &merge,
         "ezfocus_accounts",
-        &json!({}),
-        None,
-        crm_sync::queue::Trigger::Cli,
+        Duration::from_secs(180),
+        metrics.clone(),
     )
-    .await
-    .unwrap();
-    let status = common::wait_for_run(&db.pool, run1, Duration::from_secs(180)).await;
-    worker.stop().await;
+    .await;
     let load = step_output(&db.pool, run1, "load").await;
     assert_eq!(status, "succeeded", "{load}");
     assert_eq!(merge_counts(&load), [2694, 0, 0, 0], "{load}");

@@ -238,34 +238,22 @@ fn bench_config(
         )
         .replace("schedule = \"0 1 * * *\"\n", "");
     if merge {
-        text = merge_settings(&text, rows);
+        // The example's own merge settings, with room for the dirty keys of `rows` accounts.
+        text = crate::fixtures::merge_mode(&text)
+            .lines()
+            .map(|l| {
+                if l.starts_with("skip_dirty_keys = ") {
+                    format!("skip_dirty_keys = {}", rows / 100 + 10)
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
     }
     text = crate::fixtures::with_secret_files(&text, backups, &ezfocus::EXAMPLE_SECRETS)?;
     let mut bench = Config::parse(&text, std::path::Path::new("(bench pipeline)"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     bench.database_url = config.database_url.clone();
     Ok(bench)
-}
-
-/// The example's destination in merge mode: its `write = "replace"` line swapped for the commented
-/// merge settings under it, with room for the dirty keys of `rows` accounts.
-fn merge_settings(text: &str, rows: usize) -> String {
-    text.lines()
-        .filter(|l| !l.starts_with("write = \"replace\""))
-        .map(|l| match l.strip_prefix("# ") {
-            Some(setting)
-                if ["write = ", "key = ", "max_delete_share = "]
-                    .iter()
-                    .any(|k| setting.starts_with(k)) =>
-            {
-                setting.to_string()
-            }
-            Some(setting) if setting.starts_with("skip_dirty_keys = ") => {
-                format!("skip_dirty_keys = {}", rows / 100 + 10)
-            }
-            _ => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        + "\n"
 }

@@ -20,6 +20,29 @@ pub struct Target<'a> {
     pub credentials: &'a CredentialsConfig,
 }
 
+impl Target<'_> {
+    /// A client for the target's project, with its dataset created if missing.
+    async fn connect(&self) -> Result<BigQueryLoader, StepError> {
+        let loader =
+            BigQueryLoader::new(self.endpoint.map(str::to_string), self.credentials.into())
+                .await
+                .map_err(bq_error)?;
+        loader
+            .ensure_dataset(self.project, self.dataset)
+            .await
+            .map_err(bq_error)?;
+        Ok(loader)
+    }
+}
+
+/// The bookkeeping columns a merged table gets besides the batch's (as in the PostgreSQL merge).
+const MERGE_COLUMNS: [(&str, BqType); 4] = [
+    ("first_seen_batch", BqType::String),
+    ("row_hash", BqType::String),
+    ("deleted_at", BqType::Timestamp),
+    ("deleted_in_batch", BqType::String),
+];
+
 /// The explicit schema: the transform's columns (nullable) and the two batch columns (required).
 pub fn schema(data: &[(&str, ColumnType)], batch: &str, timestamp: &str) -> Vec<ColumnSpec> {
     let mut schema: Vec<ColumnSpec> = data
@@ -51,16 +74,7 @@ pub async fn load(
     expected_rows: u64,
     ctx: &StepContext,
 ) -> Result<Value, StepError> {
-    let loader = BigQueryLoader::new(
-        target.endpoint.map(str::to_string),
-        target.credentials.into(),
-    )
-    .await
-    .map_err(bq_error)?;
-    loader
-        .ensure_dataset(target.project, target.dataset)
-        .await
-        .map_err(bq_error)?;
+    let loader = target.connect().await?;
     // One job id per claim: a retry of the same call attaches to the job it may already have created.
     let job_id = format!(
         "crm_sync_{}_{}_{}",
@@ -124,16 +138,7 @@ pub async fn merge(
     expected_rows: u64,
     ctx: &StepContext,
 ) -> Result<Value, StepError> {
-    let loader = BigQueryLoader::new(
-        target.endpoint.map(str::to_string),
-        target.credentials.into(),
-    )
-    .await
-    .map_err(bq_error)?;
-    loader
-        .ensure_dataset(target.project, target.dataset)
-        .await
-        .map_err(bq_error)?;
+    let loader = target.connect().await?;
     if !ctx
         .batch_id
         .chars()
@@ -165,12 +170,11 @@ pub async fn merge(
         )));
     }
     let mut full_schema = schema.to_vec();
-    full_schema.extend([
-        ColumnSpec::nullable("first_seen_batch", BqType::String),
-        ColumnSpec::nullable("row_hash", BqType::String),
-        ColumnSpec::nullable("deleted_at", BqType::Timestamp),
-        ColumnSpec::nullable("deleted_in_batch", BqType::String),
-    ]);
+    full_schema.extend(
+        MERGE_COLUMNS
+            .iter()
+            .map(|(name, ty)| ColumnSpec::nullable(*name, *ty)),
+    );
     loader
         .ensure_table(target.project, target.dataset, target.table, &full_schema)
         .await
@@ -183,14 +187,10 @@ pub async fn merge(
         async move { loader.query_rows(p, &sql).await.map_err(bq_error) }
     };
     // A table that an earlier replace made gets the merge's columns.
-    for (col, ty) in [
-        ("first_seen_batch", "STRING"),
-        ("row_hash", "STRING"),
-        ("deleted_at", "TIMESTAMP"),
-        ("deleted_in_batch", "STRING"),
-    ] {
+    for (col, ty) in MERGE_COLUMNS {
         run(format!(
-            "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {col} {ty}"
+            "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {col} {}",
+            ty.sql()
         ))
         .await?;
     }

@@ -308,25 +308,28 @@ async fn remove_unkeyable(
         .map(|k| format!("(t.{k} IS NULL OR t.{k}::text = '')"))
         .collect::<Vec<_>>()
         .join(" AND ");
-    let array = |alias: &str| {
-        format!(
-            "jsonb_build_array({})",
-            key.iter()
-                .map(|k| format!("{alias}{k}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
     let removed = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DELETE FROM {target} t WHERE ({empty}) OR {} IN (
              SELECT {} FROM {target} GROUP BY {cols} HAVING count(*) > 1)",
-        array("t."),
-        array(""),
+        key_array(key, "t."),
+        key_array(key, ""),
     )))
     .execute(&mut *tx)
     .await
     .map_err(load_error)?;
     Ok(removed.rows_affected())
+}
+
+/// A row's key as a jsonb array of its `key` columns (each prefixed with `alias`, e.g. "t."): keys
+/// compare as such arrays, so null parts equal each other and joins on them can still hash.
+fn key_array(key: &[String], alias: &str) -> String {
+    format!(
+        "jsonb_build_array({})",
+        key.iter()
+            .map(|k| format!("{alias}{k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// Merges `crm_sync_merge_stage` into `target` by key, inside the load's transaction.
@@ -337,18 +340,7 @@ async fn merge_stage(
     m: &MergeSettings,
     batch_id: &str,
 ) -> Result<MergeCounts, StepError> {
-    // Keys compare as JSON arrays: null parts equal each other, and the anti-join can still hash.
-    let key_array = |alias: &str| {
-        format!(
-            "jsonb_build_array({})",
-            m.key
-                .iter()
-                .map(|k| format!("{alias}.{k}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
-    let key_match = format!("{} = {}", key_array("s"), key_array("t"));
+    let key_match = format!("{} = {}", key_array(&m.key, "s."), key_array(&m.key, "t."));
     let missing = format!(
         "t.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM crm_sync_merge_stage s WHERE {key_match})"
     );

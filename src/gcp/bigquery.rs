@@ -61,6 +61,19 @@ pub enum ColumnType {
 }
 
 impl ColumnType {
+    /// The type's name in GoogleSQL (`ALTER TABLE ... ADD COLUMN x STRING`).
+    pub fn sql(self) -> &'static str {
+        match self {
+            ColumnType::String => "STRING",
+            ColumnType::Int64 => "INT64",
+            ColumnType::Float64 => "FLOAT64",
+            ColumnType::Bool => "BOOL",
+            ColumnType::Date => "DATE",
+            ColumnType::Timestamp => "TIMESTAMP",
+            ColumnType::Numeric => "NUMERIC",
+        }
+    }
+
     fn field_type(self) -> FieldType {
         match self {
             ColumnType::String => FieldType::String,

@@ -163,18 +163,16 @@ pub async fn validate(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Va
             max_violations: 0,
         });
     }
-    // Rows the transform left out for their keys: at most `skip_dirty_keys` of them.
-    let skipped: std::collections::BTreeMap<String, u64> = ctx
+    // Rows the transform left out for their keys (its checkpoint is a TransformStats plus the
+    // staging object's fields): at most `skip_dirty_keys` of them.
+    let transform::TransformStats {
+        skipped,
+        skipped_keys,
+        ..
+    } = ctx
         .inputs
         .get(TRANSFORM)
-        .and_then(|o| o.get("skipped"))
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .unwrap_or_default();
-    let skipped_keys: Vec<String> = ctx
-        .inputs
-        .get(TRANSFORM)
-        .and_then(|o| o.get("skipped_keys"))
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .and_then(|o| serde_json::from_value(o.clone()).ok())
         .unwrap_or_default();
     let staging_copy =
         backup::local_copy(input_str(ctx, TRANSFORM, "object")?, &pipeline.backup).await?;

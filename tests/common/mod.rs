@@ -173,7 +173,25 @@ pub async fn run_pipeline(
     pipeline: &str,
     timeout: Duration,
 ) -> (Uuid, String) {
-    let worker = RunningWorker::start(db, config).await;
+    run_pipeline_with_metrics(
+        db,
+        config,
+        pipeline,
+        timeout,
+        crm_sync::metrics::Metrics::new(),
+    )
+    .await
+}
+
+/// [`run_pipeline`] with a worker that records into `metrics`.
+pub async fn run_pipeline_with_metrics(
+    db: &TestDb,
+    config: &Config,
+    pipeline: &str,
+    timeout: Duration,
+    metrics: Arc<crm_sync::metrics::Metrics>,
+) -> (Uuid, String) {
+    let worker = RunningWorker::start_with_metrics(db, config, metrics).await;
     let id = crm_sync::queue::enqueue(
         &db.pool,
         pipeline,
@@ -346,48 +364,14 @@ impl Drop for ApiServer {
     }
 }
 
-/// The destination settings a merge uses (what [`merge_mode`] uncomments).
-const MERGE_SETTINGS: [&str; 5] = [
-    "write",
-    "key",
-    "deletes",
-    "skip_dirty_keys",
-    "max_delete_share",
-];
-
-/// An example config with its destination switched to `write = "merge"` the way its comments say:
-/// the `write = "replace"` line dropped and the commented merge settings below it uncommented.
+/// An example config with its destination switched to merge (see [`crm_sync::fixtures::merge_mode`]).
 pub fn merge_mode(example: &str) -> String {
-    let mut out = Vec::new();
-    let mut in_merge_block = false;
-    let mut switched = false;
-    for line in example.lines() {
-        if line.starts_with("write = \"replace\"") {
-            in_merge_block = true;
-            continue;
-        }
-        if in_merge_block {
-            match line.strip_prefix("# ") {
-                Some(setting)
-                    if MERGE_SETTINGS
-                        .iter()
-                        .any(|k| setting.starts_with(&format!("{k} = "))) =>
-                {
-                    switched |= setting.starts_with("write = \"merge\"");
-                    out.push(setting.to_string());
-                    continue;
-                }
-                Some(_) => {}
-                None => in_merge_block = line.starts_with('#'),
-            }
-        }
-        out.push(line.to_string());
-    }
+    let text = crm_sync::fixtures::merge_mode(example);
     assert!(
-        switched,
+        text.lines().any(|l| l.starts_with("write = \"merge\"")),
         "the example has no commented write = \"merge\" block"
     );
-    out.join("\n") + "\n"
+    text
 }
 
 /// A step's output (`null` when the step has none).
