@@ -150,12 +150,15 @@ fn remove_stale_partials(dir: &Path) {
         let is_partial = name
             .to_str()
             .is_some_and(|n| n.starts_with('.') && n.contains(".partial-"));
+        if !is_partial {
+            continue; // the backups themselves: not even a stat
+        }
         let untouched = entry
             .metadata()
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok());
-        if is_partial && untouched.is_some_and(|age| age >= STALE_PARTIAL) {
+        if untouched.is_some_and(|age| age >= STALE_PARTIAL) {
             match std::fs::remove_file(entry.path()) {
                 Ok(()) => {
                     tracing::info!(file = %entry.path().display(), "removed an abandoned partial backup object")
