@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{RunningWorker, TestDb, table_batches, wait_for_run};
 use crm_sync::config::Config;
 use crm_sync::fixtures::ezfocus::{EzFocusConfig, EzFocusFixture, Fault};
-use crm_sync::fixtures::qashier::{self, QashierConfig, QashierFixture};
+use crm_sync::fixtures::qashier;
 use crm_sync::queue::{self, Trigger};
 use serde_json::json;
 use uuid::Uuid;
@@ -285,12 +285,7 @@ async fn a_step_over_its_timeout_is_recorded_retried_and_the_run_ends_as_configu
 #[tokio::test]
 async fn qashier_download_errors_are_retried_then_fail_keeping_the_previous_batch() {
     let db = TestDb::new().await;
-    let fixture = QashierFixture::start_on_free_port(QashierConfig {
-        list_delay: Duration::from_millis(300),
-        ..QashierConfig::default()
-    })
-    .await
-    .unwrap();
+    let fixture = common::qashier::quick_fixture().await;
     let secrets = tempfile::tempdir().unwrap();
     let backups = tempfile::tempdir().unwrap();
     let config = db

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::TestDb;
 use crm_sync::config::Config;
-use crm_sync::fixtures::qashier::{self, Fault, QashierConfig, QashierFixture};
+use crm_sync::fixtures::qashier::{self, Fault, QashierFixture};
 use uuid::Uuid;
 
 struct Setup {
@@ -20,12 +20,7 @@ struct Setup {
 
 async fn setup(password: &str) -> Setup {
     let db = TestDb::new().await;
-    let fixture = QashierFixture::start_on_free_port(QashierConfig {
-        list_delay: Duration::from_millis(300),
-        ..QashierConfig::default()
-    })
-    .await
-    .unwrap();
+    let fixture = common::qashier::quick_fixture().await;
     let secrets = tempfile::tempdir().unwrap();
     let backups = tempfile::tempdir().unwrap();
     let text = common::qashier::example_config(&fixture, password, secrets.path(), backups.path());
