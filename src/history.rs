@@ -49,6 +49,8 @@ pub struct StepRecord {
     pub output: Option<Value>,
     pub error: Option<String>,
     pub reused_from_run: Option<Uuid>,
+    /// Fingerprint of the pipeline definition its last attempt ran under (see `crm-sync pipelines`).
+    pub fingerprint: Option<String>,
     /// The worker holding the step while it runs.
     pub lease_owner: Option<String>,
     #[serde(skip)]
@@ -69,6 +71,8 @@ pub struct AttemptRecord {
     pub finished_at: Option<DateTime<Utc>>,
     pub outcome: String,
     pub error: Option<String>,
+    /// Fingerprint of the pipeline definition the attempt ran under.
+    pub fingerprint: Option<String>,
 }
 
 /// A run with everything known about it (`crm-sync show`, `GET /api/runs/{id}`).
@@ -77,6 +81,10 @@ pub struct RunDetail {
     #[serde(flatten)]
     pub run: RunSummary,
     pub steps: Vec<StepRecord>,
+    /// The pipeline definitions (fingerprints) the run's steps ran under, in step order; more than
+    /// one means its config changed while it ran (a rolling upgrade, a config edited between a
+    /// failure and its retry).
+    pub definitions: Vec<String>,
 }
 
 /// Filters for [`list_runs`].
@@ -156,14 +164,14 @@ pub async fn run_detail(pool: &PgPool, id: Uuid) -> Result<Option<RunDetail>, sq
     };
     let mut steps: Vec<StepRecord> = sqlx::query_as(
         "SELECT id, name, position, status, attempts, max_attempts, started_at, finished_at, output, error,
-                reused_from_run, lease_owner, attempt_started_at
+                reused_from_run, fingerprint, lease_owner, attempt_started_at
            FROM crm_sync.steps WHERE run_id = $1 ORDER BY position",
     )
     .bind(id)
     .fetch_all(pool)
     .await?;
     let attempts: Vec<AttemptRecord> = sqlx::query_as(
-        "SELECT step_id, attempt, worker_id, started_at, finished_at, outcome, error
+        "SELECT step_id, attempt, worker_id, started_at, finished_at, outcome, error, fingerprint
            FROM crm_sync.attempts WHERE run_id = $1 ORDER BY step_id, fence",
     )
     .bind(id)
@@ -186,10 +194,21 @@ pub async fn run_detail(pool: &PgPool, id: Uuid) -> Result<Option<RunDetail>, sq
                 finished_at: None,
                 outcome: "running".into(),
                 error: None,
+                fingerprint: step.fingerprint.clone(),
             });
         }
     }
-    Ok(Some(RunDetail { run, steps }))
+    let mut definitions: Vec<String> = Vec::new();
+    for f in steps.iter().filter_map(|s| s.fingerprint.as_ref()) {
+        if !definitions.contains(f) {
+            definitions.push(f.clone());
+        }
+    }
+    Ok(Some(RunDetail {
+        run,
+        steps,
+        definitions,
+    }))
 }
 
 /// Just the status of a run (for `run --wait`).

@@ -7,6 +7,7 @@
 //!   wrappers over the SQL functions in `migrations/`, which are the single source of truth;
 //! - [`worker`]: the process that claims steps, runs them with timeouts and heartbeats, and reports back;
 //! - [`pipeline`]: what a pipeline's steps are and how each one runs;
+//! - [`registry`]: the pipelines, webhooks and live processes of every config using the database;
 //! - [`sources`]: where data comes from (`noop`, `http_json`, `ezfocus`);
 //! - [`backup`]: raw copies of every extract, the checkpoint later steps read;
 //! - [`secrets`]: credentials from the environment or secret files, never from the config;
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pipeline;
 pub mod queue;
+pub mod registry;
 pub mod retention;
 pub mod scheduler;
 pub mod schema;

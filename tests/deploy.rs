@@ -30,11 +30,13 @@ const DATASOURCE: &str = "deploy/grafana/provisioning/datasources/prometheus.yml
 const DASHBOARD_PROVIDER: &str = "deploy/grafana/provisioning/dashboards/crm-sync.yml";
 /// The uid of the provisioned Prometheus datasource, which every panel must use.
 const DATASOURCE_UID: &str = "prometheus";
-const ALERT_NAMES: [&str; 4] = [
+const ALERT_NAMES: [&str; 6] = [
     "CrmSyncPipelineStale",
     "CrmSyncRunFailed",
     "CrmSyncQueueBackingUp",
     "CrmSyncNoWorkerAlive",
+    "CrmSyncPipelineUnserved",
+    "CrmSyncPipelineDefinitionConflict",
 ];
 
 // ------------------------------------------------------------------------------------------ promtool
@@ -583,6 +585,8 @@ const CONTRACT: [(&str, &str, &[&str]); 16] = [
         &["pipeline"],
     ),
     ("crm_sync_pipeline_stale", "gauge", &["pipeline"]),
+    ("crm_sync_pipeline_definitions", "gauge", &["pipeline"]),
+    ("crm_sync_pipeline_unserved_steps", "gauge", &["pipeline"]),
     ("crm_sync_queue_depth", "gauge", &["state"]),
     ("crm_sync_oldest_queued_step_age_seconds", "gauge", &[]),
     ("crm_sync_workers_alive", "gauge", &[]),

@@ -30,6 +30,14 @@ struct Attempt {
     error: Option<String>,
 }
 
+/// A worker that serves the `noop` pipeline.
+fn noop_served() -> queue::Served {
+    queue::Served {
+        pipelines: vec!["noop".into()],
+        fingerprints: vec!["test".into()],
+    }
+}
+
 async fn attempts_of(db: &TestDb, run: Uuid, step: &str) -> Vec<Attempt> {
     sqlx::query_as(
         "SELECT a.attempt, a.worker_id, a.outcome, a.started_at, a.finished_at, a.error
@@ -51,7 +59,13 @@ async fn a_worker_whose_lease_was_taken_over_cannot_complete_the_step() {
         .await
         .unwrap();
 
-    let first = queue::claim(&db.pool, "worker-a", 10, Duration::from_millis(100))
+    let first = queue::claim(
+        &db.pool,
+        "worker-a",
+        10,
+        Duration::from_millis(100),
+        &noop_served(),
+    )
         .await
         .unwrap();
     assert_eq!(first.len(), 1);
@@ -59,7 +73,13 @@ async fn a_worker_whose_lease_was_taken_over_cannot_complete_the_step() {
     // worker-a stalls past its lease; the reaper re-queues the step and worker-b claims it.
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(queue::reap_expired(&db.pool).await.unwrap(), 1);
-    let second = queue::claim(&db.pool, "worker-b", 10, Duration::from_secs(30))
+    let second = queue::claim(
+        &db.pool,
+        "worker-b",
+        10,
+        Duration::from_secs(30),
+        &noop_served(),
+    )
         .await
         .unwrap();
     assert_eq!(second.len(), 1);

@@ -27,11 +27,12 @@ pub struct ErrorBody {
         description = "Scheduled CRM-to-warehouse syncs on a durable PostgreSQL job queue: health, metrics, \
                        pipelines and runs. Everything under /api except this document needs \
                        `Authorization: Bearer TOKEN`; read tokens may read, admin tokens may also start, \
-                       retry, rerun and cancel runs."
+                       retry, rerun and cancel runs and disable or enable pipelines."
     ),
     tags(
         (name = "health", description = "Process, database and pipeline freshness; Prometheus metrics"),
-        (name = "runs", description = "Pipelines and their runs"),
+        (name = "pipelines", description = "The registered pipelines: health, who serves them, disable and enable"),
+        (name = "runs", description = "Runs of the pipelines: start, list, follow, retry, rerun, cancel"),
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerScheme)

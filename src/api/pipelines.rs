@@ -1,53 +1,41 @@
-//! `GET /api/pipelines`: each configured pipeline with its schedule's next fire time (local and UTC)
-//! and its health from the run history: what the console's pipelines page shows.
+//! `/api/pipelines`: every registered pipeline (whichever process's config registered it) with its
+//! schedule's next fire time, its health from the run history, who serves it and whether live
+//! processes define it differently: what the console's pipelines page shows. An admin can disable
+//! and enable a pipeline here (`crm-sync pipelines disable|enable`).
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use chrono::{DateTime, FixedOffset, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use uuid::Uuid;
 
 use super::auth::Caller;
 use super::openapi::ErrorBody;
 use super::{ApiError, AppState};
-use crate::scheduler;
+use crate::registry::{self, PipelineStatus};
+use crate::scheduler::cron::Schedule;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list_pipelines))
+    OpenApiRouter::new()
+        .routes(routes!(list_pipelines))
+        .routes(routes!(disable))
+        .routes(routes!(enable))
 }
 
-/// A configured pipeline, its schedule and its health.
+/// A registered pipeline, its schedule and its health.
 #[derive(Serialize, ToSchema)]
 struct PipelineInfo {
-    name: String,
-    enabled: bool,
-    /// Step names in order.
-    steps: Vec<String>,
-    /// Cron expression, absent for manual-only pipelines.
-    schedule: Option<String>,
-    /// IANA time zone of the schedule.
-    timezone: String,
+    #[serde(flatten)]
+    status: PipelineStatus,
+    /// Live processes define the pipeline in more than one way (`processes` says how).
+    conflict: bool,
     /// The next scheduled run in the pipeline's time zone (RFC 3339 with its offset); absent when
     /// manual-only or disabled.
     next_fire_local: Option<DateTime<FixedOffset>>,
     /// The same instant in UTC.
     next_fire_utc: Option<DateTime<Utc>>,
-    max_attempts: u32,
-    max_concurrent_runs: u32,
-    /// Longest allowed time since the last success, in seconds.
-    freshness_sla_s: Option<i64>,
-    last_success_at: Option<DateTime<Utc>>,
-    seconds_since_success: Option<i64>,
-    last_run_id: Option<Uuid>,
-    /// Status of the newest run.
-    last_status: Option<String>,
-    /// True when enabled, with an SLA, and the last success is older than it (or missing).
-    stale: bool,
-    queued_runs: i64,
-    running_runs: i64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -55,20 +43,8 @@ struct PipelineList {
     pipelines: Vec<PipelineInfo>,
 }
 
-#[derive(sqlx::FromRow)]
-struct Health {
-    pipeline: String,
-    last_success_at: Option<DateTime<Utc>>,
-    seconds_since_success: Option<i64>,
-    last_run_id: Option<Uuid>,
-    last_status: Option<String>,
-    stale: Option<bool>,
-    queued_runs: i64,
-    running_runs: i64,
-}
-
-/// The configured pipelines with next fire times and health.
-#[utoipa::path(get, path = "/pipelines", tag = "runs", security(("bearer" = [])),
+/// The registered pipelines with next fire times, health, and who serves them.
+#[utoipa::path(get, path = "/pipelines", tag = "pipelines", security(("bearer" = [])),
     responses(
         (status = 200, body = PipelineList),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
@@ -77,51 +53,90 @@ async fn list_pipelines(
     State(state): State<AppState>,
     _caller: Caller,
 ) -> Result<Json<PipelineList>, ApiError> {
-    let health: Vec<Health> = sqlx::query_as(
-        "SELECT pipeline, last_success_at, seconds_since_success, last_run_id, last_status, stale,
-                queued_runs, running_runs
-           FROM crm_sync.pipeline_health",
-    )
-    .fetch_all(&state.pool)
-    .await?;
     let now = Utc::now();
-    let pipelines = state
-        .config
-        .pipelines
-        .iter()
-        .map(|p| {
-            let h = health.iter().find(|h| h.pipeline == p.name);
-            let next = scheduler::parse_schedule(p)
-                .ok()
-                .flatten()
-                .filter(|_| p.enabled)
+    let pipelines = registry::list(&state.pool)
+        .await?
+        .into_iter()
+        .map(|status| {
+            let next = status
+                .schedule
+                .as_deref()
+                .filter(|_| status.enabled)
+                .and_then(|expr| Schedule::parse(expr, status.timezone.as_deref()?).ok())
                 .and_then(|s| {
-                    let next = s.schedule.next_after(now)?;
-                    Some((
-                        next.with_timezone(&s.schedule.timezone()).fixed_offset(),
-                        next,
-                    ))
+                    let next = s.next_after(now)?;
+                    Some((next.with_timezone(&s.timezone()).fixed_offset(), next))
                 });
             PipelineInfo {
-                name: p.name.clone(),
-                enabled: p.enabled,
-                steps: p.step_names(),
-                schedule: p.schedule.clone(),
-                timezone: p.timezone.clone(),
+                conflict: status.conflict(),
                 next_fire_local: next.map(|n| n.0),
                 next_fire_utc: next.map(|n| n.1),
-                max_attempts: p.max_attempts,
-                max_concurrent_runs: p.max_concurrent_runs,
-                freshness_sla_s: p.freshness_sla.map(|d| d.as_secs() as i64),
-                last_success_at: h.and_then(|h| h.last_success_at),
-                seconds_since_success: h.and_then(|h| h.seconds_since_success),
-                last_run_id: h.and_then(|h| h.last_run_id),
-                last_status: h.and_then(|h| h.last_status.clone()),
-                stale: h.and_then(|h| h.stale).unwrap_or(false),
-                queued_runs: h.map_or(0, |h| h.queued_runs),
-                running_runs: h.map_or(0, |h| h.running_runs),
+                status,
             }
         })
         .collect();
     Ok(Json(PipelineList { pipelines }))
+}
+
+/// What a disable or enable left.
+#[derive(Serialize, ToSchema)]
+struct PipelineSwitched {
+    name: String,
+    enabled: bool,
+}
+
+/// Disables a pipeline for every process: no scheduled ticks, no new runs (runs already queued or
+/// running go on). Kept until enabled again, whatever configs register it.
+#[utoipa::path(post, path = "/pipelines/{name}/disable", tag = "pipelines", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The pipeline's name")),
+    responses(
+        (status = 200, body = PipelineSwitched),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "A read-only token", body = ErrorBody),
+        (status = 404, description = "Unknown pipeline", body = ErrorBody),
+    ))]
+async fn disable(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<PipelineSwitched>, ApiError> {
+    caller.require_admin("disabling a pipeline")?;
+    switch(&state, &name, false).await
+}
+
+/// Clears an operator's disable. A pipeline whose registered config says `enabled = false` stays
+/// disabled (409, naming why).
+#[utoipa::path(post, path = "/pipelines/{name}/enable", tag = "pipelines", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The pipeline's name")),
+    responses(
+        (status = 200, body = PipelineSwitched),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "A read-only token", body = ErrorBody),
+        (status = 404, description = "Unknown pipeline", body = ErrorBody),
+        (status = 409, description = "Disabled by its config", body = ErrorBody),
+    ))]
+async fn enable(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<PipelineSwitched>, ApiError> {
+    caller.require_admin("enabling a pipeline")?;
+    switch(&state, &name, true).await
+}
+
+async fn switch(
+    state: &AppState,
+    name: &str,
+    enabled: bool,
+) -> Result<Json<PipelineSwitched>, ApiError> {
+    if name.contains('\0') {
+        return Err(ApiError::BadRequest(
+            "the pipeline name contains a NUL character".into(),
+        ));
+    }
+    registry::set_enabled(&state.pool, name, enabled, "the API").await?;
+    Ok(Json(PipelineSwitched {
+        name: name.to_string(),
+        enabled,
+    }))
 }

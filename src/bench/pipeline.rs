@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::fixtures::ezfocus::{self, EzFocusConfig, EzFocusFixture};
-use crate::pipeline::{Executor, registry};
+use crate::pipeline::Executor;
+use crate::registry;
 use crate::queue::{self, Trigger};
 use crate::worker::{Worker, WorkerOptions};
 
@@ -73,6 +74,8 @@ pub async fn run(config: &Config, pool: PgPool, args: &PipelineBenchArgs) -> any
     let mut conn = pool.acquire().await?;
     registry::register(
         &mut conn,
+        "bench",
+        false,
         &registry::Registration::from(&bench.pipelines[0]),
     )
     .await?;
@@ -82,7 +85,7 @@ pub async fn run(config: &Config, pool: PgPool, args: &PipelineBenchArgs) -> any
     let worker = Worker::new(
         pool.clone(),
         Executor::new(Arc::new(bench.clone())),
-        WorkerOptions::from_config(&bench.worker),
+        WorkerOptions::from_config(&bench),
     );
     let handle = tokio::spawn(worker.run(shutdown.clone()));
     if merge {

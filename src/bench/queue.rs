@@ -1,6 +1,8 @@
 //! `crm-sync bench queue`: how fast the queue drains no-op runs, and how soon an idle worker starts a
 //! freshly enqueued run. Runs the real worker code against the configured database, in a pipeline of
-//! its own (`__bench_noop`) whose runs it deletes afterwards.
+//! its own (`__bench_noop`) whose runs it deletes afterwards. Safe against a shared database by
+//! construction: its workers claim only that pipeline's steps (and no other worker serves it), and it
+//! writes no other rows and runs no maintenance on crm-sync's tables.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, PipelineConfig, SourceConfig, WorkerConfig};
 use crate::pipeline::Executor;
-use crate::pipeline::registry::{self, Registration};
+use crate::registry::{self, Registration};
 use crate::queue::{self, Trigger};
 use crate::sources::noop::{FailKind, NoopConfig};
 use crate::worker::{Worker, WorkerOptions};
@@ -81,7 +83,13 @@ pub async fn run(config: &Config, pool: PgPool, args: &QueueBenchArgs) -> anyhow
     anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
     let bench_config = Arc::new(bench_config(config));
     let mut conn = pool.acquire().await?;
-    registry::register(&mut conn, &Registration::from(&bench_config.pipelines[0])).await?;
+    registry::register(
+        &mut conn,
+        "bench",
+        false,
+        &Registration::from(&bench_config.pipelines[0]),
+    )
+    .await?;
     drop(conn);
     delete_bench_runs(&pool).await?;
 
@@ -105,6 +113,7 @@ fn bench_config(config: &Config) -> Config {
         schedule: None,
         timezone: "UTC".into(),
         enabled: true,
+        fingerprint: "bench".into(),
         max_attempts: 3,
         step_timeout: Duration::from_secs(60),
         retry_backoff: Duration::from_millis(100),
@@ -127,6 +136,8 @@ fn bench_config(config: &Config) -> Config {
     Config {
         path: Some(PathBuf::from("(bench)")),
         database_url: config.database_url.clone(),
+        listen_url: config.listen_url.clone(),
+        pooler: config.pooler,
         server: config.server.clone(),
         worker: config.worker.clone(),
         pipelines: vec![pipeline],
@@ -141,11 +152,6 @@ async fn delete_bench_runs(pool: &PgPool) -> anyhow::Result<()> {
         .execute(pool)
         .await
         .context("deleting benchmark runs")?;
-    // Start every measurement from clean tables: dead rows of the last run would slow the claim scans.
-    sqlx::query("VACUUM (ANALYZE) crm_sync.runs, crm_sync.steps, crm_sync.attempts")
-        .execute(pool)
-        .await
-        .context("vacuuming the queue tables")?;
     Ok(())
 }
 
@@ -165,12 +171,15 @@ async fn start_workers(
         let pool = crate::db::connect(
             config.require_database_url()?,
             worker_config.max_connections,
+            config.pooler,
         )
         .await?;
+        let mut options = bench_config.as_ref().clone();
+        options.worker = worker_config.clone();
         let worker = Worker::new(
             pool,
             Executor::new(bench_config.clone()),
-            WorkerOptions::from_config(worker_config),
+            WorkerOptions::from_config(&options),
         );
         handles.push(tokio::spawn(worker.run(shutdown.clone())));
     }

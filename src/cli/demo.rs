@@ -147,9 +147,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     config.database_url = Some(database_url.clone());
     println!("  config      {}", config_path.display());
 
-    let pool = crate::db::connect(&database_url, 4).await?;
-    crate::db::migrate(&pool).await?;
-    crate::pipeline::registry::sync(&pool, &config).await?;
+    let pool = crate::db::connect(&database_url, 4, config.pooler).await?;
+    crate::db::migrate(&pool, true).await?;
+    crate::registry::register_config(&pool, &config, "demo", false).await?;
 
     let (token, token_path) = admin_token(&dir)?;
     let shutdown = CancellationToken::new();

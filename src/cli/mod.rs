@@ -17,7 +17,8 @@ use uuid::Uuid;
 
 use crate::bench;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::pipeline::{Executor, registry};
+use crate::pipeline::Executor;
+use crate::registry::{self, Presence, ProcessInfo, Role};
 use crate::queue::{self, Trigger};
 use crate::scheduler::Scheduler;
 use crate::telemetry::{self, LogFormat};
@@ -119,6 +120,18 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// The registered pipelines of every config using the database: enabled, served by a live
+    /// worker, defined the same way by every live process; disable or enable one.
+    #[command(
+        after_help = "Examples:\n  crm-sync pipelines\n  crm-sync pipelines --json\n  crm-sync pipelines disable ezfocus_accounts   # no ticks, no new runs, for every process\n  crm-sync pipelines enable ezfocus_accounts"
+    )]
+    Pipelines {
+        #[command(subcommand)]
+        action: Option<PipelinesAction>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List every pipeline's next fire times, in its own time zone and in UTC.
     #[command(after_help = "Examples:\n  crm-sync schedules\n  crm-sync schedules --count 5")]
     Schedules {
@@ -217,6 +230,14 @@ enum Command {
         after_help = "Examples:\n  crm-sync bench queue --jobs 20000\n  crm-sync bench pipeline --rows 100000"
     )]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PipelinesAction {
+    /// Stop scheduling a pipeline and refuse new runs, for every process, until enabled again.
+    Disable { name: String },
+    /// Clear an operator's disable (a config's `enabled = false` stays in force).
+    Enable { name: String },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -322,20 +343,34 @@ async fn connect(config: &Config) -> anyhow::Result<PgPool> {
     db::connect(
         config.require_database_url()?,
         config.worker.max_connections,
+        config.pooler,
     )
     .await
 }
 
-/// Connects, checks the schema is current, and registers the config's pipelines.
+/// Connects and checks the schema is current.
 async fn connect_ready(config: &Config) -> anyhow::Result<PgPool> {
     let pool = connect(config).await?;
     if !db::migrations_current(&pool).await? {
         bail!("the database schema is missing or outdated: run `crm-sync migrate` first");
     }
-    registry::sync(&pool, config)
+    Ok(pool)
+}
+
+/// [`connect_ready`], then registers the config's pipelines and webhooks for a command that runs once
+/// (`run`, `retry`, `rerun`, `migrate`): a definition a live process holds is not replaced by it.
+async fn connect_and_register(config: &Config, command: &str) -> anyhow::Result<PgPool> {
+    let pool = connect_ready(config).await?;
+    register_once(&pool, config, command).await?;
+    Ok(pool)
+}
+
+async fn register_once(pool: &PgPool, config: &Config, command: &str) -> anyhow::Result<()> {
+    let by = format!("{command}:{}", registry::processes::new_process_id());
+    registry::register_config(pool, config, &by, false)
         .await
         .context("registering the config's pipelines")?;
-    Ok(pool)
+    Ok(())
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -359,15 +394,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Healthcheck { .. } => {
             unreachable!("handled above")
         }
-        Command::Migrate => {
-            if db::create_database_if_missing(config.require_database_url()?).await? {
-                println!("database created");
-            }
-            let pool = connect(&config).await?;
-            db::migrate(&pool).await?;
-            println!("migrations applied; schema crm_sync is current");
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Migrate => migrate(&config).await,
         Command::Serve {
             no_workers,
             no_scheduler,
@@ -391,6 +418,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
         } => serve(config, Roles::only_workers(listen), concurrency).await,
         Command::Scheduler { listen } => serve(config, Roles::only_scheduler(listen), None).await,
+        Command::Pipelines { action, json } => {
+            let pool = connect_ready(&config).await?;
+            pipelines(&pool, action, json).await
+        }
         Command::Schedules { count } => {
             output::print_schedules(&config, count, chrono::Utc::now())?;
             Ok(ExitCode::SUCCESS)
@@ -407,7 +438,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if !params.is_object() {
                 bail!("--params must be a JSON object, such as '{{\"sleep_ms\": 100}}'");
             }
-            let pool = connect_ready(&config).await?;
+            let pool = connect_and_register(&config, "run").await?;
             let id = queue::enqueue(
                 &pool,
                 &name,
@@ -458,7 +489,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             wait,
             wait_opts,
         } => {
-            let pool = connect_ready(&config).await?;
+            let pool = connect_and_register(&config, "retry").await?;
             let new = queue::retry(&pool, parse_run_id(&run_id)?).await?;
             println!("{new}");
             finish_or_wait(&pool, new, wait, &wait_opts).await
@@ -468,7 +499,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             wait,
             wait_opts,
         } => {
-            let pool = connect_ready(&config).await?;
+            let pool = connect_and_register(&config, "rerun").await?;
             let new = queue::rerun(&pool, parse_run_id(&run_id)?, Trigger::Cli).await?;
             println!("{new}");
             finish_or_wait(&pool, new, wait, &wait_opts).await
@@ -481,10 +512,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Prune { dry_run } => {
-            let pool = connect(&config).await?;
-            if !db::migrations_current(&pool).await? {
-                bail!("the database schema is missing or outdated: run `crm-sync migrate` first");
-            }
+            let pool = connect_ready(&config).await?;
             let report = if dry_run {
                 retention::dry_run(&pool, &config.retention).await?
             } else {
@@ -495,22 +523,74 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Queue(args)) => {
-            let pool = connect(&config).await?;
-            if !db::migrations_current(&pool).await? {
-                bail!("the database schema is missing or outdated: run `crm-sync migrate` first");
-            }
+            let pool = connect_ready(&config).await?;
             bench::queue::run(&config, pool, &args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Pipeline(args)) => {
-            let pool = connect(&config).await?;
-            if !db::migrations_current(&pool).await? {
-                bail!("the database schema is missing or outdated: run `crm-sync migrate` first");
-            }
+            let pool = connect_ready(&config).await?;
             bench::pipeline::run(&config, pool, &args).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `crm-sync pipelines [disable|enable NAME]`.
+async fn pipelines(
+    pool: &PgPool,
+    action: Option<PipelinesAction>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let by = format!("cli:{}", registry::processes::new_process_id());
+    match action {
+        Some(PipelinesAction::Disable { name }) => {
+            registry::set_enabled(pool, &name, false, &by).await?;
+            println!("pipeline {name} disabled: no scheduled ticks and no new runs until `crm-sync pipelines enable {name}`");
+        }
+        Some(PipelinesAction::Enable { name }) => {
+            registry::set_enabled(pool, &name, true, &by).await?;
+            println!("pipeline {name} enabled");
+        }
+        None => {
+            let list = registry::list(pool).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                output::print_pipelines(&list);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `crm-sync migrate`: creates the database if missing, applies the migrations (over `listen_url`'s
+/// direct connection when there is one, so sqlx's migration lock holds), and registers the config's
+/// pipelines, so that SQL callers can enqueue them at once.
+async fn migrate(config: &Config) -> anyhow::Result<ExitCode> {
+    let url = config.require_database_url()?;
+    let direct = db::direct_url(config);
+    if db::create_database_if_missing(direct.unwrap_or(url)).await? {
+        println!("database created");
+    }
+    match direct {
+        Some(direct) => {
+            let pool = db::connect(direct, 1, crate::config::Pooler::None).await?;
+            db::migrate(&pool, true).await?;
+            pool.close().await;
+        }
+        None => {
+            let pool = connect(config).await?;
+            db::migrate(&pool, false).await?;
+            pool.close().await;
+        }
+    }
+    let pool = connect(config).await?;
+    register_once(&pool, config, "migrate").await?;
+    println!(
+        "migrations applied; schema crm_sync is current; {} pipeline(s) registered",
+        config.pipelines.len()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check_config(cli: &Cli) -> ExitCode {
@@ -753,6 +833,29 @@ async fn serve_until(
         config.worker.concurrency = c;
     }
     let pool = connect_ready(&config).await?;
+    let opts = WorkerOptions::from_config(&config);
+    let process_roles = [
+        (workers, Role::Worker),
+        (scheduler, Role::Scheduler),
+        (api, Role::Api),
+        (notifier, Role::Notifier),
+    ];
+    let presence = Presence::start(
+        pool.clone(),
+        opts.liveness_url.as_deref(),
+        ProcessInfo {
+            id: opts.id.clone(),
+            roles: process_roles
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, role)| *role)
+                .collect(),
+            concurrency: if workers { config.worker.concurrency } else { 0 },
+            lease: config.worker.lease,
+        },
+        Arc::new(config.clone()),
+    )
+    .await?;
     let mut roles = tokio::task::JoinSet::new();
     let metrics = crate::metrics::Metrics::new();
     if api {
@@ -786,9 +889,9 @@ async fn serve_until(
         roles.spawn(scheduler.run(shutdown.clone()));
     }
     if workers {
-        let opts = WorkerOptions::from_config(&config.worker);
         let worker = Worker::new(pool.clone(), Executor::new(Arc::new(config.clone())), opts)
-            .with_metrics(metrics.clone());
+            .with_metrics(metrics.clone())
+            .with_presence(presence.clone());
         let token = shutdown.clone();
         roles.spawn(async move { worker.run(token).await.map(|_| ()) });
     }
@@ -809,6 +912,7 @@ async fn serve_until(
             result = Err(e);
         }
     }
+    presence.stop().await;
     pool.close().await;
     result.map(|_| ExitCode::SUCCESS)
 }

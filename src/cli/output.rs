@@ -4,6 +4,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::config::{Config, RetentionConfig};
 use crate::history::{RunDetail, RunSummary};
+use crate::registry::PipelineStatus;
 use crate::retention::PruneReport;
 use crate::scheduler;
 
@@ -74,6 +75,29 @@ pub fn print_run(d: &RunDetail) {
     if let Some(e) = &r.error {
         println!("error      {e}");
     }
+    match d.definitions.as_slice() {
+        [] => {}
+        [one] => println!("config     definition {one}"),
+        many => {
+            let by_definition: Vec<String> = many
+                .iter()
+                .map(|f| {
+                    let steps: Vec<&str> = d
+                        .steps
+                        .iter()
+                        .filter(|s| s.fingerprint.as_ref() == Some(f))
+                        .map(|s| s.name.as_str())
+                        .collect();
+                    format!("{} under {f}", steps.join(", "))
+                })
+                .collect();
+            println!(
+                "config     CHANGED DURING THE RUN: its steps ran under {} definitions: {}",
+                many.len(),
+                by_definition.join("; ")
+            );
+        }
+    }
     println!("steps:");
     for s in &d.steps {
         let took = match (s.started_at, s.finished_at) {
@@ -122,10 +146,11 @@ pub fn print_run(d: &RunDetail) {
         }
         for a in &s.attempt_log {
             println!(
-                "       attempt {}  {:<9}  worker {}  {} .. {}{}",
+                "       attempt {}  {:<9}  worker {}  definition {}  {} .. {}{}",
                 a.attempt,
                 a.outcome,
                 a.worker_id,
+                a.fingerprint.as_deref().unwrap_or("-"),
                 time(Some(a.started_at)),
                 time(a.finished_at),
                 a.error
@@ -134,6 +159,54 @@ pub fn print_run(d: &RunDetail) {
                     .unwrap_or_default()
             );
         }
+    }
+}
+
+/// `crm-sync pipelines`: every registered pipeline, whether it is enabled, served, and defined the
+/// same way by every live process.
+pub fn print_pipelines(pipelines: &[PipelineStatus]) {
+    if pipelines.is_empty() {
+        println!("no pipelines registered (run `crm-sync migrate` or start a process with a config)");
+        return;
+    }
+    println!(
+        "{:<24}  {:<16}  {:<22}  {:<14}  {:<10}  {:>6}  {:>7}  DEFINITIONS",
+        "PIPELINE", "ENABLED", "SERVED", "DEFINITION", "LAST RUN", "QUEUED", "RUNNING"
+    );
+    for p in pipelines {
+        let enabled = match (&p.disabled_by, p.enabled) {
+            (_, true) => "yes".to_string(),
+            (Some(by), false) => format!("no ({by})"),
+            (None, false) => "no".to_string(),
+        };
+        let served = if p.served {
+            "yes".to_string()
+        } else if p.unserved_steps > 0 {
+            format!("NO: {} steps wait", p.unserved_steps)
+        } else {
+            "no live worker".to_string()
+        };
+        let live: Vec<String> = p
+            .processes
+            .iter()
+            .map(|d| format!("{} ({})", d.fingerprint, d.process_id))
+            .collect();
+        let definitions = if p.conflict() {
+            format!("CONFLICT: {}", live.join(", "))
+        } else {
+            live.join(", ")
+        };
+        println!(
+            "{:<24}  {:<16}  {:<22}  {:<14}  {:<10}  {:>6}  {:>7}  {}",
+            one_line(&p.name, 24),
+            enabled,
+            served,
+            p.fingerprint.as_deref().unwrap_or("-"),
+            p.last_status.as_deref().unwrap_or("-"),
+            p.queued_runs,
+            p.running_runs,
+            definitions
+        );
     }
 }
 

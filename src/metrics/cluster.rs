@@ -13,6 +13,8 @@ pub struct ClusterMetrics {
     last_success: GaugeVec,
     freshness_sla: GaugeVec,
     stale: IntGaugeVec,
+    definitions: IntGaugeVec,
+    unserved_steps: IntGaugeVec,
     queue_depth: IntGaugeVec,
     oldest_queued_age: Gauge,
     workers_alive: IntGauge,
@@ -57,6 +59,18 @@ impl ClusterMetrics {
                 "1 when an enabled pipeline's last success is older than its freshness SLA.",
                 &["pipeline"],
             ),
+            definitions: int_gauge_vec(
+                "crm_sync_pipeline_definitions",
+                "Distinct definitions (config fingerprints) of each pipeline among the live processes; \
+                 more than 1 means their config files define it differently.",
+                &["pipeline"],
+            ),
+            unserved_steps: int_gauge_vec(
+                "crm_sync_pipeline_unserved_steps",
+                "Steps of each pipeline waiting while no live worker serves it (no live worker's config \
+                 has the pipeline).",
+                &["pipeline"],
+            ),
             queue_depth: int_gauge_vec(
                 "crm_sync_queue_depth",
                 "Work in the queue: runs waiting for a concurrency slot, steps due (queued), steps \
@@ -92,7 +106,7 @@ impl ClusterMetrics {
             .await?;
         let pipelines: Vec<PipelineRow> = sqlx::query_as(
             "SELECT pipeline, enabled, extract(epoch FROM last_success_at)::double precision AS last_success,
-                    freshness_sla_s, stale
+                    freshness_sla_s, stale, definitions, unserved_steps
                FROM crm_sync.pipeline_health
               WHERE pipeline NOT LIKE '\\_\\_%'",
         )
@@ -113,11 +127,19 @@ impl ClusterMetrics {
         self.last_success.reset();
         self.freshness_sla.reset();
         self.stale.reset();
+        self.definitions.reset();
+        self.unserved_steps.reset();
         for p in &pipelines {
             let name = [p.pipeline.as_str()];
             if let Some(t) = p.last_success {
                 self.last_success.with_label_values(&name).set(t);
             }
+            self.definitions
+                .with_label_values(&name)
+                .set(p.definitions);
+            self.unserved_steps
+                .with_label_values(&name)
+                .set(p.unserved_steps);
             if !p.enabled {
                 continue;
             }
@@ -148,4 +170,6 @@ struct PipelineRow {
     last_success: Option<f64>,
     freshness_sla_s: Option<i64>,
     stale: Option<bool>,
+    definitions: i64,
+    unserved_steps: i64,
 }

@@ -8,7 +8,6 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::config::NotificationsConfig;
 
 /// One claimed attempt at one delivery, with the facts its payload needs. The attempt number is the
 /// fencing token of [`record`].
@@ -44,48 +43,6 @@ pub enum Recorded {
     Failed,
     /// The attempt's lease ran out and another notifier claimed the delivery again: this outcome is void.
     Discarded,
-}
-
-/// Upserts the configured webhooks (never their URLs) and disables registered ones that left the
-/// config, so that the run trigger creates deliveries for exactly the configured receivers. Runs inside
-/// the pipeline registration's transaction.
-pub async fn register(
-    conn: &mut sqlx::PgConnection,
-    config: &NotificationsConfig,
-) -> Result<(), sqlx::Error> {
-    for w in &config.webhooks {
-        let events: Vec<&str> = w.events.iter().map(|e| e.kind()).collect();
-        sqlx::query(
-            "INSERT INTO crm_sync.webhooks (name, format, events, pipelines, max_attempts, timeout_ms, enabled)
-             VALUES ($1, $2, $3, $4, $5, $6, true)
-             ON CONFLICT (name) DO UPDATE
-                SET format = EXCLUDED.format, events = EXCLUDED.events, pipelines = EXCLUDED.pipelines,
-                    max_attempts = EXCLUDED.max_attempts, timeout_ms = EXCLUDED.timeout_ms, enabled = true,
-                    updated_at = now()
-              WHERE (crm_sync.webhooks.format, crm_sync.webhooks.events, crm_sync.webhooks.pipelines,
-                     crm_sync.webhooks.max_attempts, crm_sync.webhooks.timeout_ms, crm_sync.webhooks.enabled)
-                    IS DISTINCT FROM
-                    (EXCLUDED.format, EXCLUDED.events, EXCLUDED.pipelines, EXCLUDED.max_attempts,
-                     EXCLUDED.timeout_ms, true)",
-        )
-        .bind(&w.name)
-        .bind(w.format.as_str())
-        .bind(&events)
-        .bind(&w.pipelines)
-        .bind(w.max_attempts as i32)
-        .bind(i64::try_from(w.timeout.as_millis()).unwrap_or(i64::MAX))
-        .execute(&mut *conn)
-        .await?;
-    }
-    let names: Vec<&str> = config.webhooks.iter().map(|w| w.name.as_str()).collect();
-    sqlx::query(
-        "UPDATE crm_sync.webhooks SET enabled = false, updated_at = now()
-          WHERE enabled AND NOT (name = ANY($1))",
-    )
-    .bind(&names)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Claims up to `limit` due deliveries of `webhooks`, each leased for its webhook's timeout plus

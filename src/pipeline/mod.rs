@@ -6,7 +6,6 @@
 //! (a checkpoint) the next step reads, so a retry resumes where the run failed. The `noop` source has
 //! only no-op steps.
 
-pub mod registry;
 mod step;
 mod steps;
 
@@ -15,6 +14,7 @@ pub use step::{ErrorClass, StepContext, StepDone, StepError};
 use std::sync::Arc;
 
 use crate::config::{Config, PipelineConfig, SourceConfig};
+use crate::queue::Served;
 use crate::sources;
 
 /// Fetches from the source into the raw backup.
@@ -53,11 +53,33 @@ pub fn step_names(pipeline: &PipelineConfig) -> Vec<String> {
 #[derive(Clone)]
 pub struct Executor {
     config: Arc<Config>,
+    served: Arc<Served>,
 }
 
 impl Executor {
     pub fn new(config: Arc<Config>) -> Self {
-        Self { config }
+        let served = Served {
+            pipelines: config.pipelines.iter().map(|p| p.name.clone()).collect(),
+            fingerprints: config
+                .pipelines
+                .iter()
+                .map(|p| p.fingerprint.clone())
+                .collect(),
+        };
+        Self {
+            config,
+            served: Arc::new(served),
+        }
+    }
+
+    /// The config this executor runs steps with.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.clone()
+    }
+
+    /// What this executor can run: a worker claims nothing else.
+    pub fn served(&self) -> &Served {
+        &self.served
     }
 
     /// The pipeline config for a step, as this process knows it.

@@ -73,6 +73,14 @@ impl ClaimedStep {
     }
 }
 
+/// The pipelines a worker claims steps of, with the fingerprints of their definitions (recorded on
+/// every attempt): parallel lists, as `crm_sync.claim_steps` takes them.
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    pub pipelines: Vec<String>,
+    pub fingerprints: Vec<String>,
+}
+
 /// Identifies one claim of one step: the step and its fencing token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Lease {

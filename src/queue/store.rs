@@ -9,7 +9,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{ClaimedStep, FailOutcome, Lease, QueueError, Trigger};
+use super::{ClaimedStep, FailOutcome, Lease, QueueError, Served, Trigger};
 
 /// Enqueues one run of `pipeline` and returns its id. With an idempotency key, a repeat returns the
 /// run the key already names (and a reuse with other parameters is a [`QueueError::Conflict`]).
@@ -58,21 +58,25 @@ pub async fn enqueue_many(
     )
 }
 
-/// Claims up to `limit` due steps for `worker`, each with a lease of `lease`.
+/// Claims up to `limit` due steps of the `served` pipelines for `worker`, each with a lease of
+/// `lease`; the steps of other pipelines wait for a worker that serves them.
 pub async fn claim(
     pool: &PgPool,
     worker: &str,
     limit: usize,
     lease: Duration,
+    served: &Served,
 ) -> Result<Vec<ClaimedStep>, QueueError> {
-    Ok(
-        sqlx::query_as::<_, ClaimedStep>("SELECT * FROM crm_sync.claim_steps($1, $2, $3)")
-            .bind(worker)
-            .bind(i32::try_from(limit).unwrap_or(i32::MAX))
-            .bind(millis(lease))
-            .fetch_all(pool)
-            .await?,
+    Ok(sqlx::query_as::<_, ClaimedStep>(
+        "SELECT * FROM crm_sync.claim_steps($1, $2, $3, $4, $5)",
     )
+    .bind(worker)
+    .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+    .bind(millis(lease))
+    .bind(&served.pipelines)
+    .bind(&served.fingerprints)
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Completes a batch of steps with their outputs. Returns the leases that were accepted; the others

@@ -33,12 +33,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::config::WorkerConfig;
+use crate::config::Config;
 use crate::metrics::{BusySlot, Metrics};
 use crate::pipeline::{Executor, StepContext, StepDone, StepError};
 use crate::queue::{self, CANCEL_CHANNEL, ClaimedStep, FailOutcome, Lease, STEPS_CHANNEL};
+use crate::registry::{Presence, ProcessInfo, Role};
 
-/// How one worker process behaves; built from `[worker]` in the config.
+/// How one worker process behaves; built from `[worker]` and the connection settings of the config.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     /// Unique per process: recorded on every attempt it makes.
@@ -48,34 +49,28 @@ pub struct WorkerOptions {
     pub poll_interval: Duration,
     pub shutdown_grace: Duration,
     pub claim_batch: usize,
+    /// Where to LISTEN for wake-ups (a direct connection); `None`: polling only.
+    pub listen_url: Option<String>,
+    /// Where to hold the liveness lock (a direct connection); `None`: the lease alone tells a dead
+    /// worker.
+    pub liveness_url: Option<String>,
 }
 
 impl WorkerOptions {
-    pub fn from_config(config: &WorkerConfig) -> Self {
+    pub fn from_config(config: &Config) -> Self {
+        let w = &config.worker;
+        let direct = crate::db::direct_url(config).map(str::to_string);
         Self {
-            id: new_worker_id(),
-            concurrency: config.concurrency,
-            lease: config.lease,
-            poll_interval: config.poll_interval,
-            shutdown_grace: config.shutdown_grace,
-            claim_batch: config.claim_batch,
+            id: crate::registry::processes::new_process_id(),
+            concurrency: w.concurrency,
+            lease: w.lease,
+            poll_interval: w.poll_interval,
+            shutdown_grace: w.shutdown_grace,
+            claim_batch: w.claim_batch,
+            listen_url: direct.clone(),
+            liveness_url: direct,
         }
     }
-}
-
-/// `host-pid-xxxx`: readable in the run log, unique across restarts.
-pub fn new_worker_id() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "host".to_string());
-    format!(
-        "{host}-{}-{:04x}",
-        std::process::id(),
-        rand::random::<u16>()
-    )
 }
 
 /// What a worker did, returned when it stops.
@@ -92,6 +87,8 @@ pub struct Worker {
     executor: Executor,
     opts: WorkerOptions,
     metrics: Arc<Metrics>,
+    /// The process's presence when `serve` runs several roles; a worker alone keeps its own.
+    presence: Option<Arc<Presence>>,
 }
 
 struct InFlight {
@@ -133,7 +130,16 @@ impl Worker {
             executor,
             opts,
             metrics: Metrics::new(),
+            presence: None,
         }
+    }
+
+    /// Runs as part of a process whose presence (row, heartbeat, liveness lock) is already kept;
+    /// its id must be this worker's.
+    pub fn with_presence(mut self, presence: Arc<Presence>) -> Self {
+        debug_assert_eq!(presence.id(), self.opts.id);
+        self.presence = Some(presence);
+        self
     }
 
     /// Records into `metrics` (the process's, served on `/metrics`) instead of a private set.
@@ -148,6 +154,23 @@ impl Worker {
 
     /// Runs until `shutdown` is cancelled, then drains or releases in-flight steps and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<WorkerStats> {
+        let own_presence = match &self.presence {
+            Some(_) => None,
+            None => Some(
+                Presence::start(
+                    self.pool.clone(),
+                    self.opts.liveness_url.as_deref(),
+                    ProcessInfo {
+                        id: self.opts.id.clone(),
+                        roles: vec![Role::Worker],
+                        concurrency: self.opts.concurrency,
+                        lease: self.opts.lease,
+                    },
+                    self.executor.config(),
+                )
+                .await?,
+            ),
+        };
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(self.opts.concurrency)),
             pool: self.pool,
@@ -159,7 +182,6 @@ impl Worker {
             succeeded: AtomicU64::new(0),
             failed_attempts: AtomicU64::new(0),
         });
-        register_worker(&shared).await?;
         shared
             .metrics
             .worker_slots
@@ -180,10 +202,9 @@ impl Worker {
         background.cancel();
         let _ = listener.await;
         let _ = heartbeat.await;
-        let _ = sqlx::query("UPDATE crm_sync.workers SET stopped_at = now() WHERE id = $1")
-            .bind(&shared.opts.id)
-            .execute(&shared.pool)
-            .await;
+        if let Some(presence) = own_presence {
+            presence.stop().await;
+        }
         shared
             .metrics
             .worker_slots
@@ -198,28 +219,6 @@ impl Worker {
     }
 }
 
-async fn register_worker(shared: &Shared) -> anyhow::Result<()> {
-    let host = shared
-        .opts
-        .id
-        .rsplitn(3, '-')
-        .nth(2)
-        .unwrap_or("host")
-        .to_string();
-    sqlx::query(
-        "INSERT INTO crm_sync.workers (id, hostname, pid, concurrency, lease_ms) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL, lease_ms = $5",
-    )
-    .bind(&shared.opts.id)
-    .bind(host)
-    .bind(std::process::id() as i32)
-    .bind(shared.opts.concurrency as i32)
-    .bind(shared.opts.lease.as_millis().max(1) as i64)
-    .execute(&shared.pool)
-    .await?;
-    Ok(())
-}
-
 async fn claim_loop(
     shared: &Arc<Shared>,
     done_tx: &mpsc::Sender<Finished>,
@@ -232,7 +231,14 @@ async fn claim_loop(
             .available_permits()
             .min(shared.opts.claim_batch);
         if free > 0 {
-            match queue::claim(&shared.pool, &shared.opts.id, free, shared.opts.lease).await {
+            let claim = queue::claim(
+                &shared.pool,
+                &shared.opts.id,
+                free,
+                shared.opts.lease,
+                shared.executor.served(),
+            );
+            match claim.await {
                 Ok(steps) => {
                     failures = 0;
                     let full = steps.len() == free;
@@ -607,8 +613,15 @@ fn abandon(shared: &Shared, which: impl Fn(i64, &InFlight) -> bool, why: &str) {
 
 /// Turns NOTIFYs into wake-ups and cancellations into aborted steps. Polling covers any gap.
 async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
+    let Some(url) = shared.opts.listen_url.clone() else {
+        info!(
+            poll_interval_ms = shared.opts.poll_interval.as_millis() as u64,
+            "no direct connection for LISTEN (pooler = \"transaction\" without listen_url): polling"
+        );
+        return;
+    };
     loop {
-        let mut listener = match PgListener::connect_with(&shared.pool).await {
+        let mut listener = match PgListener::connect(&url).await {
             Ok(l) => l,
             Err(e) => {
                 warn!(error = %e, "LISTEN connection failed; polling until it is back");

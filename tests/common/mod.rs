@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crm_sync::config::Config;
-use crm_sync::pipeline::{Executor, registry};
+use crm_sync::pipeline::Executor;
+use crm_sync::registry;
 use crm_sync::worker::{Worker, WorkerOptions, WorkerStats};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -32,7 +33,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         let db = Self::empty().await;
-        crm_sync::db::migrate(&db.pool).await.expect("migrate");
+        crm_sync::db::migrate(&db.pool, true).await.expect("migrate");
         db
     }
 
@@ -66,7 +67,7 @@ impl TestDb {
     pub async fn config(&self, toml_text: &str) -> Config {
         let text = format!("database_url = \"{}\"\n{toml_text}", self.url);
         let config = Config::parse(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}"));
-        registry::sync(&self.pool, &config)
+        registry::register_config(&self.pool, &config, "test", false)
             .await
             .expect("register pipelines");
         config
@@ -123,7 +124,7 @@ impl RunningWorker {
             .connect(&db.url)
             .await
             .unwrap();
-        let opts = WorkerOptions::from_config(&config.worker);
+        let opts = WorkerOptions::from_config(config);
         let id = opts.id.clone();
         let worker =
             Worker::new(pool, Executor::new(Arc::new(config.clone())), opts).with_metrics(metrics);

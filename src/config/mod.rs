@@ -21,6 +21,10 @@ use crate::secrets::SecretRef;
 use crate::transform::TransformConfig;
 use crate::validate::ValidateConfig;
 
+mod fingerprint;
+
+pub use fingerprint::fingerprint;
+
 /// Where the config file is looked for when neither `--config` nor `CRM_SYNC_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "./crm-sync.toml";
 
@@ -31,6 +35,12 @@ pub struct Config {
     pub path: Option<PathBuf>,
     /// Connection string of the crm-sync database (`DATABASE_URL` wins over the file).
     pub database_url: Option<String>,
+    /// A direct connection to the same database (not through a transaction-mode pooler) for LISTEN
+    /// and the workers' liveness locks (`CRM_SYNC_LISTEN_URL` wins over the file).
+    pub listen_url: Option<String>,
+    /// What `database_url` reaches: the server itself, or a pooler in transaction mode
+    /// (`CRM_SYNC_POOLER` wins over the file).
+    pub pooler: Pooler,
     pub server: ServerConfig,
     pub worker: WorkerConfig,
     pub pipelines: Vec<PipelineConfig>,
@@ -66,6 +76,33 @@ impl ServerConfig {
         match &self.public_url {
             Some(url) => url.trim_end_matches('/').to_string(),
             None => format!("http://{}", self.listen),
+        }
+    }
+}
+
+/// What `database_url` connects to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooler {
+    /// PostgreSQL itself, or a pooler in session mode: every connection is a session of its own.
+    #[default]
+    None,
+    /// A pooler in transaction mode (PgBouncer, Supabase's port 6543): consecutive transactions of one
+    /// connection may reach different server sessions, so no prepared statement, session setting,
+    /// LISTEN or session lock outlives a transaction.
+    Transaction,
+}
+
+impl std::str::FromStr for Pooler {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Pooler::None),
+            "transaction" => Ok(Pooler::Transaction),
+            other => Err(format!(
+                "pooler must be \"none\" or \"transaction\", not \"{}\"",
+                shown(other)
+            )),
         }
     }
 }
@@ -224,6 +261,9 @@ pub struct PipelineConfig {
     /// A disabled pipeline is neither scheduled nor accepted for new runs.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// The digest of this table as written ([`fingerprint`]), set when the file is parsed.
+    #[serde(skip)]
+    pub fingerprint: String,
     /// Attempts per step before the run fails (retryable errors only; terminal errors fail at once).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
@@ -310,6 +350,10 @@ pub struct NotificationsConfig {
 pub struct WebhookConfig {
     /// Names the webhook in logs and in `crm_sync.webhooks`, where the URL itself never goes.
     pub name: String,
+    /// A disabled webhook gets no new messages (the way to retire one: leaving it out of a config
+    /// disables nothing, since other processes' configs may still have it).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     /// The URL is a secret (Slack's carries the token in its path), so only a reference is accepted.
     #[serde(deserialize_with = "webhook_url")]
     pub url: SecretRef,
@@ -443,17 +487,33 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+impl ConfigErrors {
+    /// One problem without a line.
+    fn one(path: &Path, location: &str, message: String) -> Self {
+        ConfigErrors {
+            path: path.to_path_buf(),
+            issues: vec![ConfigIssue {
+                line: None,
+                location: location.into(),
+                message,
+            }],
+        }
+    }
+}
+
 impl Config {
     /// Loads the config file at `path`. A missing file is an error only when `explicit` (the user
     /// named it); at the default path it means "no pipelines", which suits `migrate` and friends.
     /// `DATABASE_URL` from the environment overrides the file's `database_url`.
     pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigErrors> {
-        let env_url = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty());
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let mut config = match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(&text, path)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Config {
                 path: None,
                 database_url: None,
+                listen_url: None,
+                pooler: Pooler::None,
                 server: ServerConfig::default(),
                 worker: WorkerConfig::default(),
                 pipelines: Vec::new(),
@@ -461,18 +521,23 @@ impl Config {
                 retention: RetentionConfig::default(),
             },
             Err(e) => {
-                return Err(ConfigErrors {
-                    path: path.to_path_buf(),
-                    issues: vec![ConfigIssue {
-                        line: None,
-                        location: "file".into(),
-                        message: format!("cannot read the config file: {e}"),
-                    }],
-                });
+                return Err(ConfigErrors::one(
+                    path,
+                    "file",
+                    format!("cannot read the config file: {e}"),
+                ));
             }
         };
-        if env_url.is_some() {
-            config.database_url = env_url;
+        if let Some(url) = env("DATABASE_URL") {
+            config.database_url = Some(url);
+        }
+        if let Some(url) = env("CRM_SYNC_LISTEN_URL") {
+            config.listen_url = Some(url);
+        }
+        if let Some(pooler) = env("CRM_SYNC_POOLER") {
+            config.pooler = pooler
+                .parse()
+                .map_err(|e| ConfigErrors::one(path, "CRM_SYNC_POOLER", e))?;
         }
         Ok(config)
     }
@@ -541,8 +606,10 @@ impl Config {
                 Some(name) => format!("pipelines[{index}] \"{}\"", shown(name)),
                 None => format!("pipelines[{index}]"),
             };
+            let fingerprint = fingerprint(&table);
             match deserialize_table::<PipelineConfig>(table) {
-                Ok(p) => {
+                Ok(mut p) => {
+                    p.fingerprint = fingerprint;
                     let before = issues.len();
                     check_pipeline(&p, &label, line, &mut issues);
                     if !seen.insert(p.name.clone()) {
@@ -573,6 +640,8 @@ impl Config {
         Ok(Config {
             path: Some(path.to_path_buf()),
             database_url: raw.database_url,
+            listen_url: raw.listen_url,
+            pooler: raw.pooler.unwrap_or_default(),
             server: server.unwrap_or_default(),
             worker: worker.unwrap_or_default(),
             pipelines,
@@ -606,6 +675,8 @@ impl Config {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     database_url: Option<String>,
+    listen_url: Option<String>,
+    pooler: Option<Pooler>,
     server: Option<toml::Spanned<toml::Table>>,
     worker: Option<toml::Spanned<toml::Table>>,
     #[serde(default)]
