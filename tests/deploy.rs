@@ -551,7 +551,7 @@ fn grafana_provisioning_and_dashboard_are_consistent() {
 
 /// The metric contract: family, type and label names of each sample (histograms add `le` on
 /// `_bucket`).
-const CONTRACT: [(&str, &str, &[&str]); 16] = [
+const CONTRACT: [(&str, &str, &[&str]); 18] = [
     (
         "crm_sync_runs_total",
         "counter",

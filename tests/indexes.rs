@@ -341,11 +341,14 @@ async fn hot_queries_use_indexes_at_a_million_runs() {
     // The worker's claim, the whole statement (it locks and updates: rolled back).
     let claim = function_body(
         &mut conn,
-        "crm_sync.claim_steps_unchecked(text,integer,bigint)",
+        "crm_sync.claim_steps_unchecked(text,integer,bigint,text[],text[])",
         &[
             ("p_worker", "'index-test'"),
             ("p_limit", "100"),
             ("p_lease_ms", "30000"),
+            // A worker that serves every pipeline, as the claim filters them.
+            ("p_pipelines", "ARRAY(SELECT name FROM crm_sync.pipelines)"),
+            ("p_fingerprints", "(NULL::text[])"),
         ],
     )
     .await;
@@ -367,20 +370,23 @@ async fn hot_queries_use_indexes_at_a_million_runs() {
         (
             "/health/pipelines",
             "SELECT pipeline, enabled, last_success_at, last_success_batch_id, seconds_since_success, last_run_id,
-                    last_status, last_finished_at, freshness_sla_s, stale
-               FROM crm_sync.pipeline_health WHERE enabled ORDER BY pipeline",
+                    last_status, last_finished_at, freshness_sla_s, stale, served, unserved_steps, definitions
+               FROM crm_sync.pipeline_health WHERE enabled AND left(pipeline, 2) <> '__' ORDER BY pipeline",
         ),
         (
             "/metrics freshness (every pipeline)",
             "SELECT pipeline, enabled, extract(epoch FROM last_success_at)::double precision AS last_success,
-                    freshness_sla_s, stale
+                    freshness_sla_s, stale, definitions, unserved_steps
                FROM crm_sync.pipeline_health WHERE pipeline NOT LIKE '\\_\\_%'",
         ),
         (
-            "/api/pipelines (with queued, running)",
-            "SELECT pipeline, last_success_at, seconds_since_success, last_run_id, last_status, stale,
-                    queued_runs, running_runs
-               FROM crm_sync.pipeline_health",
+            "/api/pipelines and crm-sync pipelines",
+            "SELECT h.pipeline AS name, h.enabled, h.disabled_by, h.fingerprint, p.schedule, p.timezone, p.steps,
+                    p.max_attempts, p.max_concurrent_runs, p.freshness_sla_s, h.registered_by, h.definitions,
+                    h.served, h.unserved_steps, h.queued_runs, h.running_runs, h.last_run_id, h.last_status,
+                    h.last_success_at, h.seconds_since_success, coalesce(h.stale, false) AS stale
+               FROM crm_sync.pipeline_health h JOIN crm_sync.pipelines p ON p.name = h.pipeline
+              WHERE left(h.pipeline, 2) <> '__' ORDER BY h.pipeline",
         ),
     ] {
         check(name, &explain(&mut conn, sql).await, &mut problems);

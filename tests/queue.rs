@@ -66,8 +66,8 @@ async fn a_worker_whose_lease_was_taken_over_cannot_complete_the_step() {
         Duration::from_millis(100),
         &noop_served(),
     )
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     assert_eq!(first.len(), 1);
     let stale = first[0].lease();
     // worker-a stalls past its lease; the reaper re-queues the step and worker-b claims it.
@@ -80,8 +80,8 @@ async fn a_worker_whose_lease_was_taken_over_cannot_complete_the_step() {
         Duration::from_secs(30),
         &noop_served(),
     )
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     assert_eq!(second.len(), 1);
     assert!(
         second[0].fence > stale.fence,

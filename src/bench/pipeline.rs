@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::fixtures::ezfocus::{self, EzFocusConfig, EzFocusFixture};
 use crate::pipeline::Executor;
-use crate::registry;
 use crate::queue::{self, Trigger};
+use crate::registry;
 use crate::worker::{Worker, WorkerOptions};
 
 /// The benchmark's pipeline: the shipped example, so the figures are those of the real config.

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, PipelineConfig, SourceConfig, WorkerConfig};
 use crate::pipeline::Executor;
-use crate::registry::{self, Registration};
 use crate::queue::{self, Trigger};
+use crate::registry::{self, Registration};
 use crate::sources::noop::{FailKind, NoopConfig};
 use crate::worker::{Worker, WorkerOptions};
 

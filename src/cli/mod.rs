@@ -18,8 +18,8 @@ use uuid::Uuid;
 use crate::bench;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::pipeline::Executor;
-use crate::registry::{self, Presence, ProcessInfo, Role};
 use crate::queue::{self, Trigger};
+use crate::registry::{self, Presence, ProcessInfo, Role};
 use crate::scheduler::Scheduler;
 use crate::telemetry::{self, LogFormat};
 use crate::worker::{Worker, WorkerOptions};
@@ -545,7 +545,9 @@ async fn pipelines(
     match action {
         Some(PipelinesAction::Disable { name }) => {
             registry::set_enabled(pool, &name, false, &by).await?;
-            println!("pipeline {name} disabled: no scheduled ticks and no new runs until `crm-sync pipelines enable {name}`");
+            println!(
+                "pipeline {name} disabled: no scheduled ticks and no new runs until `crm-sync pipelines enable {name}`"
+            );
         }
         Some(PipelinesAction::Enable { name }) => {
             registry::set_enabled(pool, &name, true, &by).await?;
@@ -850,7 +852,11 @@ async fn serve_until(
                 .filter(|(on, _)| *on)
                 .map(|(_, role)| *role)
                 .collect(),
-            concurrency: if workers { config.worker.concurrency } else { 0 },
+            concurrency: if workers {
+                config.worker.concurrency
+            } else {
+                0
+            },
             lease: config.worker.lease,
         },
         Arc::new(config.clone()),

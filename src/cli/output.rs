@@ -166,7 +166,9 @@ pub fn print_run(d: &RunDetail) {
 /// same way by every live process.
 pub fn print_pipelines(pipelines: &[PipelineStatus]) {
     if pipelines.is_empty() {
-        println!("no pipelines registered (run `crm-sync migrate` or start a process with a config)");
+        println!(
+            "no pipelines registered (run `crm-sync migrate` or start a process with a config)"
+        );
         return;
     }
     println!(

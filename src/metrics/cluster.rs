@@ -134,9 +134,7 @@ impl ClusterMetrics {
             if let Some(t) = p.last_success {
                 self.last_success.with_label_values(&name).set(t);
             }
-            self.definitions
-                .with_label_values(&name)
-                .set(p.definitions);
+            self.definitions.with_label_values(&name).set(p.definitions);
             self.unserved_steps
                 .with_label_values(&name)
                 .set(p.unserved_steps);

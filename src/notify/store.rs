@@ -8,7 +8,6 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-
 /// One claimed attempt at one delivery, with the facts its payload needs. The attempt number is the
 /// fencing token of [`record`].
 #[derive(Debug, Clone, sqlx::FromRow)]

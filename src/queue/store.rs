@@ -67,16 +67,16 @@ pub async fn claim(
     lease: Duration,
     served: &Served,
 ) -> Result<Vec<ClaimedStep>, QueueError> {
-    Ok(sqlx::query_as::<_, ClaimedStep>(
-        "SELECT * FROM crm_sync.claim_steps($1, $2, $3, $4, $5)",
+    Ok(
+        sqlx::query_as::<_, ClaimedStep>("SELECT * FROM crm_sync.claim_steps($1, $2, $3, $4, $5)")
+            .bind(worker)
+            .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+            .bind(millis(lease))
+            .bind(&served.pipelines)
+            .bind(&served.fingerprints)
+            .fetch_all(pool)
+            .await?,
     )
-    .bind(worker)
-    .bind(i32::try_from(limit).unwrap_or(i32::MAX))
-    .bind(millis(lease))
-    .bind(&served.pipelines)
-    .bind(&served.fingerprints)
-    .fetch_all(pool)
-    .await?)
 }
 
 /// Completes a batch of steps with their outputs. Returns the leases that were accepted; the others

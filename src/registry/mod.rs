@@ -92,7 +92,9 @@ pub async fn register_config(
             continue;
         };
         match outcome {
-            Outcome::Registered => info!(pipeline = %name, fingerprint = %p.fingerprint, "pipeline registered"),
+            Outcome::Registered => {
+                info!(pipeline = %name, fingerprint = %p.fingerprint, "pipeline registered")
+            }
             Outcome::Unchanged => {}
             Outcome::Kept => {
                 let (registered, holder): (Option<String>, Option<String>) = sqlx::query_as(

@@ -107,7 +107,9 @@ impl LivenessLock {
         if self.conn.ping().await.is_ok() {
             return true;
         }
-        warn!("liveness connection lost; reconnecting (other processes may have re-queued our steps)");
+        warn!(
+            "liveness connection lost; reconnecting (other processes may have re-queued our steps)"
+        );
         match Self::take(&self.url, self.key).await {
             Ok(fresh) => *self = fresh,
             Err(e) => warn!(error = %e, "cannot take the liveness lock again; retrying"),
@@ -128,9 +130,10 @@ impl Presence {
     ) -> anyhow::Result<Arc<Presence>> {
         let lock = match liveness_url {
             Some(url) => {
-                let key: i32 = sqlx::query_scalar("SELECT nextval('crm_sync.process_lock_keys')::int")
-                    .fetch_one(&pool)
-                    .await?;
+                let key: i32 =
+                    sqlx::query_scalar("SELECT nextval('crm_sync.process_lock_keys')::int")
+                        .fetch_one(&pool)
+                        .await?;
                 Some(LivenessLock::take(url, key).await.map_err(|e| {
                     anyhow::anyhow!("cannot open the direct (liveness) connection: {e}")
                 })?)
@@ -145,13 +148,7 @@ impl Presence {
             stop: CancellationToken::new(),
             task: Mutex::new(None),
         });
-        let task = tokio::spawn(keep_alive(
-            pool,
-            info,
-            config,
-            lock,
-            presence.stop.clone(),
-        ));
+        let task = tokio::spawn(keep_alive(pool, info, config, lock, presence.stop.clone()));
         *presence.task.lock().expect("presence task lock") = Some(task);
         Ok(presence)
     }

@@ -33,7 +33,9 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         let db = Self::empty().await;
-        crm_sync::db::migrate(&db.pool, true).await.expect("migrate");
+        crm_sync::db::migrate(&db.pool, true)
+            .await
+            .expect("migrate");
         db
     }
 
