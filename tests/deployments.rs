@@ -648,3 +648,260 @@ async fn disabling_is_explicit_and_shared_by_every_process() {
     assert_ne!(code, 0);
     assert!(err.contains("unknown pipeline \"nope\""), "{err}");
 }
+
+// ------------------------------------------------------------------ a warehouse apart from crm-sync
+
+/// The EZ Focus example over `rows` accounts loading into `warehouse` (a database of its own, named
+/// by a secret file), replace or merge, with `lease`.
+fn warehouse_config(
+    fixture: &crm_sync::fixtures::ezfocus::EzFocusFixture,
+    dir: &Path,
+    rows: usize,
+    warehouse: &TestDb,
+    merge: bool,
+    lease: &str,
+) -> String {
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    let url_file = secrets.join("warehouse_url");
+    std::fs::write(&url_file, &warehouse.url).unwrap();
+    let mut text = common::ezfocus::example_config(fixture, &secrets, &dir.join("backups"))
+        .replace("[worker]", &format!("[worker]\nlease = \"{lease}\""))
+        .replace("schedule = \"0 1 * * *\"\n", "")
+        .replace("min_rows = 2600", "min_rows = 1")
+        .replace("max_rows = 2700", &format!("max_rows = {rows}"))
+        .replace(
+            "max_violations = 10",
+            &format!("max_violations = {}", rows / 50 + 10),
+        )
+        .replace(
+            "table = \"ezfocus.accounts_list\"",
+            &format!(
+                "table = \"ezfocus.accounts_list\"\nurl = {{ file = \"{}\" }}",
+                url_file.display()
+            ),
+        );
+    if merge {
+        text = common::merge_mode(&text).replace(
+            "skip_dirty_keys = 10",
+            &format!("skip_dirty_keys = {}", rows / 100 + 10),
+        );
+    }
+    text
+}
+
+async fn fixture(rows: usize) -> crm_sync::fixtures::ezfocus::EzFocusFixture {
+    crm_sync::fixtures::ezfocus::EzFocusFixture::start_on_free_port(
+        crm_sync::fixtures::ezfocus::EzFocusConfig::with_rows(rows),
+    )
+    .await
+    .unwrap()
+}
+
+/// The load step of `run`: (id, status).
+async fn load_step(db: &TestDb, run: Uuid) -> (i64, String) {
+    sqlx::query_as("SELECT id, status FROM crm_sync.steps WHERE run_id = $1 AND name = 'load'")
+        .bind(run)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// The ledger rows of the warehouse: (batch_id, fence, output, xmin of the row).
+async fn ledger_rows(warehouse: &TestDb) -> Vec<(String, i64, Value, String)> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT to_regclass('crm_sync_ledger.loads') IS NOT NULL")
+            .fetch_one(&warehouse.pool)
+            .await
+            .unwrap();
+    if !exists {
+        return Vec::new();
+    }
+    sqlx::query_as("SELECT batch_id, fence, output, xmin::text FROM crm_sync_ledger.loads")
+        .fetch_all(&warehouse.pool)
+        .await
+        .unwrap()
+}
+
+/// The distinct transactions (xmin) that wrote the warehouse table's rows, and its row count.
+async fn table_writers(warehouse: &TestDb) -> (Vec<String>, i64) {
+    let writers: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT xmin::text FROM ezfocus.accounts_list ORDER BY 1")
+            .fetch_all(&warehouse.pool)
+            .await
+            .unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ezfocus.accounts_list")
+        .fetch_one(&warehouse.pool)
+        .await
+        .unwrap();
+    (writers, rows)
+}
+
+/// kill -9 after the warehouse committed the batch but before crm-sync recorded the completion: the
+/// next attempt finds the batch in the ledger and completes without loading again.
+async fn killed_between_warehouse_commit_and_completion(merge: bool) {
+    let db = TestDb::new().await;
+    let warehouse = TestDb::empty().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rows = 20_000;
+    let fixture = fixture(rows).await;
+    let body = warehouse_config(&fixture, dir.path(), rows, &warehouse, merge, "30s");
+    let config = config_file(dir.path(), "c.toml", &db, &body);
+    let mut a = spawn(&config, &["worker"], dir.path(), "a.log");
+    wait_for_live(&db, 1).await;
+    let run = psql_enqueue(&db, "ezfocus_accounts");
+    wait_until(
+        &db.pool,
+        &format!("SELECT EXISTS (SELECT 1 FROM crm_sync.steps WHERE run_id = '{run}' AND name = 'load' AND status = 'running')"),
+        Duration::from_secs(120),
+    )
+    .await;
+    // Completions (they write attempts) wait behind this lock; the load itself does not.
+    let mut hold = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE crm_sync.attempts IN EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ledger_rows(&warehouse).await.is_empty() {
+        assert!(Instant::now() < deadline, "the warehouse never committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_until(
+        &db.pool,
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%complete_steps%')",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(
+        load_step(&db, run).await.1,
+        "running",
+        "completed too early"
+    );
+    kill(Pid::from_raw(a.id() as i32), Signal::SIGKILL).unwrap();
+    let _ = a.wait();
+    // The dead worker's backend would only notice the lost client after its statement; end it, as a
+    // cut connection would.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM (SELECT pid FROM pg_stat_activity
+          WHERE wait_event_type = 'Lock' AND query LIKE '%complete_steps%' OFFSET 0) blocked",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    hold.rollback().await.unwrap();
+    let first = ledger_rows(&warehouse).await;
+
+    let mut b = spawn(&config, &["worker"], dir.path(), "b.log");
+    assert_eq!(
+        wait_for_run(&db.pool, run, Duration::from_secs(60)).await,
+        "succeeded"
+    );
+    let ledger = ledger_rows(&warehouse).await;
+    assert_eq!(ledger.len(), 1, "one batch, one ledger row: {ledger:?}");
+    assert_eq!(ledger, first, "the ledger row is the first attempt's");
+    let (writers, table_rows) = table_writers(&warehouse).await;
+    assert_eq!(
+        writers,
+        [ledger[0].3.clone()],
+        "every row was written by the one load transaction that wrote the ledger row"
+    );
+    let output = common::step_output(&db.pool, run, "load").await;
+    assert_eq!(
+        output, ledger[0].2,
+        "the completion took the ledger's output"
+    );
+    assert_eq!(output["rows"].as_i64(), Some(table_rows));
+    if merge {
+        // The counts of the one merge that happened, not of a second one (which would say unchanged).
+        let counts = common::merge_counts(&output);
+        assert_eq!(counts, [table_rows, 0, 0, 0], "{output}");
+    }
+    let outcomes: Vec<String> = sqlx::query_scalar(
+        "SELECT outcome FROM crm_sync.attempts WHERE step_id = $1 ORDER BY fence",
+    )
+    .bind(load_step(&db, run).await.0)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(outcomes, ["lost", "succeeded"]);
+    assert!(terminate(&mut b, Duration::from_secs(30)).success());
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn warehouse_apart_a_kill_between_commit_and_completion_loads_once() {
+    killed_between_warehouse_commit_and_completion(false).await;
+}
+
+#[tokio::test]
+async fn warehouse_apart_a_merge_is_not_applied_twice_after_such_a_kill() {
+    killed_between_warehouse_commit_and_completion(true).await;
+}
+
+/// A worker stopped (SIGSTOP) in the middle of its COPY into the warehouse until its lease is taken
+/// over and the run finished cannot commit when it is continued.
+#[tokio::test]
+async fn warehouse_apart_a_stopped_worker_cannot_commit_after_the_takeover() {
+    let db = TestDb::new().await;
+    let warehouse = TestDb::empty().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rows = 40_000;
+    let fixture = fixture(rows).await;
+    let body = warehouse_config(&fixture, dir.path(), rows, &warehouse, false, "2s");
+    let config = config_file(dir.path(), "c.toml", &db, &body);
+    let mut a = spawn(&config, &["worker"], dir.path(), "a.log");
+    wait_for_live(&db, 1).await;
+    // A first batch, so that the stopped load below holds the row locks of its DELETE.
+    let first = psql_enqueue(&db, "ezfocus_accounts");
+    assert_eq!(
+        wait_for_run(&db.pool, first, Duration::from_secs(120)).await,
+        "succeeded"
+    );
+    let run = psql_enqueue(&db, "ezfocus_accounts");
+    // A's load transaction is copying: stop A right there.
+    wait_until(
+        &warehouse.pool,
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'crm-sync load f%' AND query LIKE 'COPY%' AND state = 'active')",
+        Duration::from_secs(120),
+    )
+    .await;
+    kill(Pid::from_raw(a.id() as i32), Signal::SIGSTOP).unwrap();
+    let stopped_fence: i64 =
+        sqlx::query_scalar("SELECT fence FROM crm_sync.steps WHERE run_id = $1 AND name = 'load'")
+            .bind(run)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+
+    let mut b = spawn(&config, &["worker"], dir.path(), "b.log");
+    let status = wait_for_run(&db.pool, run, Duration::from_secs(90)).await;
+    kill(Pid::from_raw(a.id() as i32), Signal::SIGCONT).unwrap();
+    assert_eq!(status, "succeeded");
+    // A goes on: its COPY's connection was ended; whatever it does, nothing of it commits.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let batch = common::batch_of(&db.pool, run).await;
+    let ledger: Vec<_> = ledger_rows(&warehouse)
+        .await
+        .into_iter()
+        .filter(|l| l.0 == batch)
+        .collect();
+    assert_eq!(ledger.len(), 1, "{ledger:?}");
+    assert!(
+        ledger[0].1 > stopped_fence,
+        "the committed load is the takeover's (fence {} > {stopped_fence})",
+        ledger[0].1
+    );
+    let (writers, table_rows) = table_writers(&warehouse).await;
+    assert_eq!(writers, [ledger[0].3.clone()]);
+    assert_eq!(Some(table_rows), ledger[0].2["rows"].as_i64());
+    let log = std::fs::read_to_string(dir.path().join("b.log")).unwrap();
+    assert!(
+        log.contains("ended the transaction of a stale load"),
+        "the takeover ended the stopped load's transaction:\n{log}"
+    );
+    assert!(a.try_wait().unwrap().is_none(), "A is still running");
+    assert!(terminate(&mut a, Duration::from_secs(40)).success());
+    assert!(terminate(&mut b, Duration::from_secs(40)).success());
+    fixture.stop().await;
+}

@@ -2,6 +2,7 @@
 //! never a mix and never an empty table.
 
 pub mod bigquery;
+pub mod ledger;
 pub mod postgres;
 
 use serde::Deserialize;

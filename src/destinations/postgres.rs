@@ -1,9 +1,11 @@
 //! The `postgres` destination: a full replace in one transaction (DELETE, then COPY of the staging
 //! rows), so concurrent readers keep seeing the previous batch until the new one commits whole.
-//! When the table lives in crm-sync's own database, the step's fenced completion commits in the same
-//! transaction: a worker that lost its lease rolls its load back, and a load is never recorded twice.
-//! (Two workers loading at once after a takeover serialise on the table's row locks; the stale one's
-//! completion is refused and its transaction rolled back.)
+//! Exactly once, whether the table lives in crm-sync's own database or in a warehouse apart from it
+//! (`url`): the load claims the table in the destination's [`ledger`] with its fencing token and
+//! records its batch there in its own transaction, so a worker that lost its lease (taken over,
+//! cancelled) can never commit after the newer attempt, and a batch whose completion was lost is
+//! completed from the ledger instead of being loaded again. In crm-sync's own database the step's
+//! fenced completion also commits in the same transaction as the load.
 //!
 //! With `write = "merge"` the batch is copied into a temporary table and merged by key in the same
 //! one transaction: new keys inserted, changed rows (by a content hash kept in `row_hash`) updated,
@@ -11,12 +13,15 @@
 //! `deleted_in_batch`) or deleted. Every row keeps the `batch_id` of the batch that last changed it
 //! and the `first_seen_batch` that brought it.
 
+use std::str::FromStr;
+
 use serde_json::{Map, Value, json};
 use sqlx::{Connection, PgConnection};
 use tokio::io::AsyncBufReadExt;
 
-use super::{DeleteMode, MergeSettings};
+use super::{DeleteMode, MergeSettings, ledger};
 use crate::pipeline::{StepContext, StepDone, StepError};
+use crate::queue::{self, Lease};
 use crate::schema::ColumnType;
 use crate::secrets::SecretRef;
 use crate::transform::is_identifier;
@@ -93,74 +98,130 @@ struct MergeCounts {
     deleted: i64,
 }
 
-/// Writes the staging object's rows into the table, atomically: a full replace, or a merge by key
-/// when `merge` is given; see the module docs.
-#[allow(clippy::too_many_arguments)]
-pub async fn load(
-    table: &str,
-    url: Option<&SecretRef>,
-    create_table: Option<&str>,
-    columns: &Columns<'_>,
-    merge: Option<&MergeSettings>,
-    staging: &std::path::Path,
-    expected_rows: u64,
-    ctx: &StepContext,
-) -> Result<StepDone, StepError> {
-    let (schema, name) = split_table(table).map_err(StepError::terminal)?;
-    let same_database = url.is_none();
-    let mut pooled;
-    let mut own;
-    let conn: &mut PgConnection = match url {
-        None => {
-            pooled = ctx.pool.acquire().await.map_err(StepError::from_db)?;
-            &mut pooled
-        }
-        Some(u) => {
-            let u = u
-                .resolve()
-                .map_err(|e| StepError::terminal(format!("destination database: {e}")))?;
-            own = PgConnection::connect(u.expose()).await.map_err(|e| {
-                StepError::retryable(format!("cannot connect to the destination database: {e}"))
-            })?;
-            &mut own
-        }
-    };
-    let mut tx = conn.begin().await.map_err(StepError::from_db)?;
-    if same_database {
-        // A lease already lost stops the load here. The step row is not locked now (heartbeats must
-        // keep renewing it during a long COPY); the fenced completion at the end decides.
-        let held: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM crm_sync.steps WHERE id = $1 AND fence = $2 AND status = 'running'",
-        )
-        .bind(ctx.step_id)
-        .bind(ctx.fence)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(StepError::from_db)?;
-        if held.is_none() {
-            return Err(StepError::retryable(
-                "lease lost before the load; nothing was written",
+/// What one load writes, and where.
+pub struct LoadSpec<'a> {
+    /// `schema.table`.
+    pub table: &'a str,
+    /// The warehouse database; `None`: crm-sync's own.
+    pub url: Option<&'a SecretRef>,
+    pub create_table: Option<&'a str>,
+    pub columns: Columns<'a>,
+    /// A merge by key; `None`: a full replace.
+    pub merge: Option<MergeSettings>,
+    /// The staging object (the transform's JSON lines) on local disk.
+    pub staging: &'a std::path::Path,
+    /// Rows the transform staged: a load that copies another number rolls back.
+    pub expected_rows: u64,
+}
+
+/// A connection to the warehouse: one of crm-sync's pool, or one of its own for a separate `url`
+/// (without named statements, so that a transaction-mode pooler in front of it works too).
+enum Warehouse {
+    Same(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    Separate(PgConnection),
+}
+
+impl Warehouse {
+    async fn open(url: Option<&SecretRef>, ctx: &StepContext) -> Result<Self, StepError> {
+        let Some(url) = url else {
+            return Ok(Warehouse::Same(
+                ctx.pool.acquire().await.map_err(StepError::from_db)?,
             ));
+        };
+        let url = url
+            .resolve()
+            .map_err(|e| StepError::terminal(format!("destination database: {e}")))?;
+        let options = sqlx::postgres::PgConnectOptions::from_str(url.expose())
+            .map_err(|_| StepError::terminal("destination database: the URL is not valid"))?
+            .statement_cache_capacity(0);
+        let conn = PgConnection::connect_with(&options).await.map_err(|e| {
+            StepError::retryable(format!("cannot connect to the destination database: {e}"))
+        })?;
+        Ok(Warehouse::Separate(conn))
+    }
+
+    fn conn(&mut self) -> &mut PgConnection {
+        match self {
+            Warehouse::Same(c) => c,
+            Warehouse::Separate(c) => c,
         }
     }
+}
+
+/// Writes the staging object's rows into the table, atomically and exactly once: a full replace, or
+/// a merge by key; see the module docs and [`ledger`].
+pub async fn load(spec: &LoadSpec<'_>, ctx: &StepContext) -> Result<StepDone, StepError> {
+    let (schema, name) = split_table(spec.table).map_err(StepError::terminal)?;
+    let target = format!("{schema}.{name}");
+    let same_database = spec.url.is_none();
+    let lease = Lease {
+        step_id: ctx.step_id,
+        fence: ctx.fence,
+    };
+    let mut warehouse = Warehouse::open(spec.url, ctx).await?;
+    let conn = warehouse.conn();
+    ledger::ensure(conn).await?;
+    if !queue::lease_held(&ctx.pool, lease)
+        .await
+        .map_err(StepError::from_db)?
+    {
+        return Err(StepError::retryable(
+            "lease lost before the load; nothing was written",
+        ));
+    }
+    if let Some(output) = ledger::committed(conn, &target, &ctx.batch_id).await? {
+        // An earlier attempt committed this batch and died before its completion was recorded.
+        tracing::info!(table = %target, "the batch was already committed by an earlier attempt; completing without loading again");
+        return Ok(StepDone::Output(output));
+    }
+    ledger::claim(conn, &target, ctx).await?;
+    let mut tx = conn.begin().await.map_err(StepError::from_db)?;
+    ledger::mark_loader(&mut tx, ctx.fence).await?;
+    let output = write_batch(&mut tx, spec, &schema, &name, ctx).await?;
+    ledger::seal(&mut tx, &target, ctx, &output).await?;
+    if same_database {
+        let accepted = queue::complete_in(&mut tx, &ctx.worker_id, lease, &output)
+            .await
+            .map_err(StepError::from_db)?;
+        if !accepted {
+            return Err(StepError::retryable(
+                "lease lost during the load; rolled back",
+            ));
+        }
+    } else if !queue::lease_held(&ctx.pool, lease)
+        .await
+        .map_err(StepError::from_db)?
+    {
+        return Err(StepError::retryable(
+            "lease lost during the load (cancelled or taken over); rolled back",
+        ));
+    }
+    tx.commit().await.map_err(load_error)?;
+    Ok(if same_database {
+        StepDone::Committed(output)
+    } else {
+        StepDone::Output(output)
+    })
+}
+
+/// The load itself, inside its transaction: the table made ready, the rows copied, replaced or
+/// merged. Returns the step's output.
+async fn write_batch(
+    tx: &mut PgConnection,
+    spec: &LoadSpec<'_>,
+    schema: &str,
+    name: &str,
+    ctx: &StepContext,
+) -> Result<Value, StepError> {
+    let merge = spec.merge.as_ref();
+    let columns = &spec.columns;
     let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(format!("{schema}.{name}"))
         .fetch_one(&mut *tx)
         .await
         .map_err(load_error)?;
     if merge.is_some() {
-        // The key index treats null parts as equal (NULLS NOT DISTINCT), which PostgreSQL 15 brought.
-        let (number, version): (i32, String) = sqlx::query_as(
-            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(load_error)?;
-        if number < 150_000 {
-            return Err(StepError::terminal(format!(
-                "write = \"merge\" needs PostgreSQL 15 or later (its key index is NULLS NOT DISTINCT); the destination runs {version}"
-            )));
-        }
+        require_nulls_not_distinct(tx).await?;
     }
     let mut statements = vec![format!("CREATE SCHEMA IF NOT EXISTS {schema}")];
     // A merge into a table an earlier replace wrote (no key index yet) first removes the rows that
@@ -170,18 +231,19 @@ pub async fn load(
         && exists
     {
         let indexed: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(format!("{schema}.{}", merge_index(&name)))
+            .bind(format!("{schema}.{}", merge_index(name)))
             .fetch_one(&mut *tx)
             .await
             .map_err(load_error)?;
         if !indexed {
-            unkeyable_removed =
-                remove_unkeyable(&mut tx, &format!("{schema}.{name}"), &m.key).await?;
+            unkeyable_removed = remove_unkeyable(tx, &format!("{schema}.{name}"), &m.key).await?;
         }
     }
     if !exists {
-        statements
-            .push(create_table.map_or_else(|| columns.ddl(&schema, &name, merge), str::to_string));
+        statements.push(
+            spec.create_table
+                .map_or_else(|| columns.ddl(schema, name, merge), str::to_string),
+        );
     }
     let target = format!("{schema}.{name}");
     let copy_into = match merge {
@@ -189,7 +251,7 @@ pub async fn load(
             // A table that merged before: its key index would refuse a replace batch's repeats.
             statements.push(format!(
                 "DROP INDEX IF EXISTS {schema}.{}",
-                merge_index(&name)
+                merge_index(name)
             ));
             statements.push(format!("DELETE FROM {target}"));
             target.clone()
@@ -204,7 +266,7 @@ pub async fn load(
             // NULLS NOT DISTINCT: a key part may be null, and null equals null (PostgreSQL 15+).
             statements.push(format!(
                 "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {target} ({}) NULLS NOT DISTINCT",
-                merge_index(&name),
+                merge_index(name),
                 m.key.join(", ")
             ));
             statements.push(format!(
@@ -220,16 +282,62 @@ pub async fn load(
             .await
             .map_err(load_error)?;
     }
+    let copied = copy_rows(tx, &copy_into, columns, spec.staging).await?;
+    if copied != spec.expected_rows {
+        return Err(StepError::terminal(format!(
+            "loaded {copied} rows but the batch has {}; rolled back",
+            spec.expected_rows
+        )));
+    }
+    Ok(match merge {
+        None => {
+            json!({ "table": target, "rows": copied, "batch_id": ctx.batch_id, "write": "replace" })
+        }
+        Some(m) => {
+            let c = merge_stage(tx, &target, columns, m, &ctx.batch_id).await?;
+            json!({
+                "table": target, "rows": copied, "batch_id": ctx.batch_id, "write": "merge",
+                "inserted": c.inserted, "updated": c.updated, "unchanged": c.unchanged,
+                "deleted": c.deleted, "unkeyable_removed": unkeyable_removed,
+            })
+        }
+    })
+}
+
+/// The merge key index treats null parts as equal (NULLS NOT DISTINCT), which PostgreSQL 15 brought.
+async fn require_nulls_not_distinct(tx: &mut PgConnection) -> Result<(), StepError> {
+    let (number, version): (i32, String) = sqlx::query_as(
+        "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(load_error)?;
+    if number < 150_000 {
+        return Err(StepError::terminal(format!(
+            "write = \"merge\" needs PostgreSQL 15 or later (its key index is NULLS NOT DISTINCT); the destination runs {version}"
+        )));
+    }
+    Ok(())
+}
+
+/// Streams the staging object's rows into `into` with COPY; returns the rows the server took (the
+/// rows sent, or an error).
+async fn copy_rows(
+    tx: &mut PgConnection,
+    into: &str,
+    columns: &Columns<'_>,
+    staging: &std::path::Path,
+) -> Result<u64, StepError> {
+    let names = columns.names();
     let copy = format!(
-        "COPY {copy_into} ({}) FROM STDIN WITH (FORMAT csv)",
-        columns.names().join(", ")
+        "COPY {into} ({}) FROM STDIN WITH (FORMAT csv)",
+        names.join(", ")
     );
     let mut sink = tx.copy_in_raw(&copy).await.map_err(load_error)?;
     let file = tokio::fs::File::open(staging)
         .await
         .map_err(|e| StepError::retryable(format!("cannot open the staging object: {e}")))?;
     let mut lines = tokio::io::BufReader::with_capacity(256 * 1024, file).lines();
-    let names = columns.names();
     let mut buf = Vec::with_capacity(1 << 20);
     let mut sent = 0u64;
     loop {
@@ -253,46 +361,12 @@ pub async fn load(
         }
     }
     let copied = sink.finish().await.map_err(load_error)?;
-    if copied != expected_rows || sent != expected_rows {
+    if copied != sent {
         return Err(StepError::terminal(format!(
-            "loaded {copied} rows but the batch has {expected_rows}; rolled back"
+            "sent {sent} rows but PostgreSQL copied {copied}; rolled back"
         )));
     }
-    let output = match merge {
-        None => {
-            json!({ "table": target, "rows": copied, "batch_id": ctx.batch_id, "write": "replace" })
-        }
-        Some(m) => {
-            let c = merge_stage(&mut tx, &target, columns, m, &ctx.batch_id).await?;
-            json!({
-                "table": target, "rows": copied, "batch_id": ctx.batch_id, "write": "merge",
-                "inserted": c.inserted, "updated": c.updated, "unchanged": c.unchanged,
-                "deleted": c.deleted, "unkeyable_removed": unkeyable_removed,
-            })
-        }
-    };
-    if same_database {
-        let accepted: Vec<i64> =
-            sqlx::query_scalar("SELECT * FROM crm_sync.complete_steps($1, $2, $3, $4)")
-                .bind(&ctx.worker_id)
-                .bind(vec![ctx.step_id])
-                .bind(vec![ctx.fence])
-                .bind(vec![output.clone()])
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(StepError::from_db)?;
-        if accepted.is_empty() {
-            return Err(StepError::retryable(
-                "lease lost during the load; rolled back",
-            ));
-        }
-    }
-    tx.commit().await.map_err(load_error)?;
-    Ok(if same_database {
-        StepDone::Committed(output)
-    } else {
-        StepDone::Output(output)
-    })
+    Ok(copied)
 }
 
 /// Deletes the rows of `target` whose key is empty (every part null or "") or shared with another

@@ -242,26 +242,20 @@ pub async fn load(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<StepDo
             ..
         }) => {
             let staging = backup::local_copy(staging_uri, &pipeline.backup).await?;
-            let columns = postgres::Columns {
-                data,
-                batch: &transform.batch_column,
-                timestamp: &transform.timestamp_column,
-            };
-            postgres::load(
+            let spec = postgres::LoadSpec {
                 table,
-                url.as_ref(),
-                create_table.as_deref(),
-                &columns,
-                pipeline
-                    .destination
-                    .as_ref()
-                    .and_then(|d| d.merge())
-                    .as_ref(),
-                &staging.path,
-                rows,
-                ctx,
-            )
-            .await
+                url: url.as_ref(),
+                create_table: create_table.as_deref(),
+                columns: postgres::Columns {
+                    data,
+                    batch: &transform.batch_column,
+                    timestamp: &transform.timestamp_column,
+                },
+                merge: pipeline.destination.as_ref().and_then(|d| d.merge()),
+                staging: &staging.path,
+                expected_rows: rows,
+            };
+            postgres::load(&spec, ctx).await
         }
         Some(DestinationConfig::Bigquery {
             project,

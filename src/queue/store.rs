@@ -102,6 +102,37 @@ pub async fn complete(
     Ok(accepted.into_iter().collect())
 }
 
+/// Completes one step inside the caller's transaction (a load that commits its batch and its
+/// completion together); false when the lease had been lost, and the caller must roll back.
+pub async fn complete_in(
+    conn: &mut sqlx::PgConnection,
+    worker: &str,
+    lease: Lease,
+    output: &Value,
+) -> Result<bool, sqlx::Error> {
+    let accepted: Vec<i64> =
+        sqlx::query_scalar("SELECT * FROM crm_sync.complete_steps($1, $2, $3, $4)")
+            .bind(worker)
+            .bind(vec![lease.step_id])
+            .bind(vec![lease.fence])
+            .bind(vec![output.clone()])
+            .fetch_all(conn)
+            .await?;
+    Ok(!accepted.is_empty())
+}
+
+/// Whether this claim of the step still holds (not taken over, cancelled or reaped).
+pub async fn lease_held(pool: &PgPool, lease: Lease) -> Result<bool, sqlx::Error> {
+    let held: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM crm_sync.steps WHERE id = $1 AND fence = $2 AND status = 'running'",
+    )
+    .bind(lease.step_id)
+    .bind(lease.fence)
+    .fetch_optional(pool)
+    .await?;
+    Ok(held.is_some())
+}
+
 /// Records a failed attempt; see [`FailOutcome`].
 pub async fn fail(
     pool: &PgPool,
