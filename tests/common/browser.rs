@@ -1,7 +1,8 @@
 //! Headless Chromium (Debian's /usr/bin/chromium) driven over CDP, for the console's end-to-end
-//! tests: launch, open pages, read the DOM, click, type, take screenshots. Killed on drop.
+//! tests: launch, open pages, read the DOM, click, type, take screenshots. Killed on drop. Also how
+//! tests find browsers left running: by a path their command line names (their profile directory).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -180,4 +181,56 @@ pub async fn screenshot(page: &Page, name: &str) -> PathBuf {
     std::fs::write(&path, png).unwrap();
     eprintln!("screenshot: {}", path.display());
     path
+}
+
+/// Processes whose command line mentions `path`, as (pid, command line), found with `pgrep -af`.
+/// Every Chromium process names its `--user-data-dir` (or, for crashpad, a directory inside it), so
+/// a directory that holds a test's browser profiles finds every browser the test started. Zombies
+/// have no command line and do not count.
+pub fn processes_mentioning(path: &Path) -> Vec<(i32, String)> {
+    // pgrep takes a regular expression: match the path literally.
+    let mut pattern = String::new();
+    for c in path.to_string_lossy().chars() {
+        if "\\.^$|?*+()[]{}".contains(c) {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    let out = std::process::Command::new("pgrep")
+        .args(["-af", &pattern])
+        .output()
+        .expect("pgrep (procps) runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (pid, command) = line.split_once(' ')?;
+            Some((pid.parse().ok()?, command.chars().take(200).collect()))
+        })
+        .collect()
+}
+
+/// Fails unless, within `grace` (SIGKILL is asynchronous), no process mentions `path`; whatever is
+/// still there is killed first, so a failing test leaves nothing behind either.
+pub async fn assert_no_process_mentions(path: &Path, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        let left = processes_mentioning(path);
+        if left.is_empty() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            for (pid, _) in &left {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            panic!(
+                "{} process(es) naming {} left running: {left:#?}",
+                left.len(),
+                path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

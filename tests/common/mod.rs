@@ -330,6 +330,7 @@ pub mod browser;
 pub mod consistency;
 pub mod emulators;
 pub mod ezfocus;
+pub mod pgbouncer;
 pub mod private_postgres;
 pub mod qashier;
 
