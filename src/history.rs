@@ -1,9 +1,9 @@
 //! Read-side queries over the run log: runs, their steps and every attempt.
 
+use crate::db::Db;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 /// One run as listed by `crm-sync runs` and `GET /api/runs`.
@@ -117,7 +117,7 @@ pub fn list_runs_sql() -> String {
 }
 
 /// Runs, newest first.
-pub async fn list_runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunSummary>, sqlx::Error> {
+pub async fn list_runs(pool: &Db, filter: &RunFilter) -> Result<Vec<RunSummary>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(list_runs_sql()))
         .bind(&filter.pipeline)
         .bind(&filter.status)
@@ -141,10 +141,7 @@ pub fn changed_runs_sql() -> String {
 /// Active runs, and runs created or finished since `since` (with a margin of 5 seconds for
 /// transactions that committed late), oldest first: what the all-runs event stream compares with
 /// what it already sent.
-pub async fn changed_runs(
-    pool: &PgPool,
-    since: DateTime<Utc>,
-) -> Result<Vec<RunSummary>, sqlx::Error> {
+pub async fn changed_runs(pool: &Db, since: DateTime<Utc>) -> Result<Vec<RunSummary>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(changed_runs_sql()))
         .bind(since)
         .fetch_all(pool)
@@ -152,7 +149,7 @@ pub async fn changed_runs(
 }
 
 /// One run with its steps and attempts; `None` if there is no such run.
-pub async fn run_detail(pool: &PgPool, id: Uuid) -> Result<Option<RunDetail>, sqlx::Error> {
+pub async fn run_detail(pool: &Db, id: Uuid) -> Result<Option<RunDetail>, sqlx::Error> {
     let Some(run) = sqlx::query_as::<_, RunSummary>(sqlx::AssertSqlSafe(format!(
         "SELECT {RUN_COLUMNS} FROM crm_sync.runs r WHERE r.id = $1"
     )))
@@ -213,7 +210,7 @@ pub async fn run_detail(pool: &PgPool, id: Uuid) -> Result<Option<RunDetail>, sq
 
 /// Just the status of a run (for `run --wait`).
 pub async fn run_status(
-    pool: &PgPool,
+    pool: &Db,
     id: Uuid,
 ) -> Result<Option<(String, Option<String>)>, sqlx::Error> {
     sqlx::query_as("SELECT status, error FROM crm_sync.runs WHERE id = $1")

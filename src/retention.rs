@@ -11,9 +11,10 @@
 
 use std::time::{Duration, Instant};
 
+use crate::db::Db;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgExecutor, PgPool};
+use sqlx::PgExecutor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -78,7 +79,7 @@ pub async fn forget_workers<'c>(executor: impl PgExecutor<'c>) -> Result<u64, sq
     let done = sqlx::query(
         "DELETE FROM crm_sync.workers
           WHERE greatest(heartbeat_at, coalesce(stopped_at, heartbeat_at)) < now() - make_interval(secs => $1)",
-    )
+    ).persistent(false)
     .bind(FORGET_WORKERS_AFTER.as_secs_f64())
     .execute(executor)
     .await?;
@@ -145,6 +146,7 @@ pub async fn prune_batch<'c>(
              succeeded => $1, failed => $2, cancelled => $3, keep_last => $4, batch_size => $5,
              as_of => coalesce($6, now()))",
     )
+    .persistent(false)
     .bind(policy.succeeded)
     .bind(policy.failed)
     .bind(policy.cancelled)
@@ -159,7 +161,7 @@ pub async fn prune_batch<'c>(
 /// `pause` between batches so that the queue's own statements get the database in between. Stops
 /// early (with what was done so far) when `stop` is cancelled.
 pub async fn prune(
-    pool: &PgPool,
+    pool: &Db,
     policy: &RetentionConfig,
     pause: Duration,
     stop: &CancellationToken,
@@ -185,7 +187,7 @@ pub async fn prune(
 /// What [`prune`] would delete now, found by doing it in one transaction that is rolled back: exact
 /// (retries whose retried run goes first are counted too), but it holds the locks until it is done,
 /// so it is meant for an operator's `crm-sync prune --dry-run`, not for a loop.
-pub async fn dry_run(pool: &PgPool, policy: &RetentionConfig) -> Result<PruneReport, sqlx::Error> {
+pub async fn dry_run(pool: &Db, policy: &RetentionConfig) -> Result<PruneReport, sqlx::Error> {
     let started = Instant::now();
     let mut report = PruneReport::default();
     let mut tx = pool.begin().await?;
@@ -205,7 +207,7 @@ pub async fn dry_run(pool: &PgPool, policy: &RetentionConfig) -> Result<PruneRep
 /// The retention loop of `crm-sync serve`: a [`prune`] pass at start and then every
 /// `[retention] interval`. Any number of processes may run it (runs are claimed with SKIP LOCKED).
 pub struct Pruner {
-    pool: PgPool,
+    pool: Db,
     policy: RetentionConfig,
 }
 
@@ -213,7 +215,7 @@ pub struct Pruner {
 const PAUSE: Duration = Duration::from_millis(100);
 
 impl Pruner {
-    pub fn new(pool: PgPool, policy: &RetentionConfig) -> Pruner {
+    pub fn new(pool: Db, policy: &RetentionConfig) -> Pruner {
         Pruner {
             pool,
             policy: policy.clone(),

@@ -229,7 +229,7 @@ async fn workers_and_schedulers_ride_out_a_postgres_crash_and_lose_nothing() {
          {lost} attempts lost to expired leases, {retried} retried",
         ticks.len()
     );
-    common::consistency::assert_history_consistent(&pool).await;
+    common::consistency::assert_history_consistent(&pool.clone().into()).await;
     for role in names {
         let log = std::fs::read_to_string(dir.path().join(format!("{role}.log"))).unwrap();
         assert!(!log.contains("panicked"), "{role} panicked:\n{log}");

@@ -102,7 +102,7 @@ async fn ten_thousand_runs_over_four_workers_and_two_schedulers_complete_once_ea
 
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = tokio::spawn(sample_connections(
-        db.pool.clone(),
+        db.pool.pool().clone(),
         db.name.clone(),
         stop.clone(),
     ));

@@ -201,7 +201,7 @@ impl RunningNotifier {
             .await
             .unwrap();
         let metrics = Metrics::new();
-        let notifier = Notifier::new(pool, config)
+        let notifier = Notifier::new(pool.into(), config)
             .unwrap()
             .with_metrics(metrics.clone());
         let stop = CancellationToken::new();

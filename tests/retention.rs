@@ -6,6 +6,7 @@
 
 mod common;
 
+use crm_sync::db::Db;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,6 @@ use crm_sync::config::RetentionConfig;
 use crm_sync::retention::{self, PruneReport};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -59,7 +59,7 @@ fn policy(keep_last: u32, batch_size: u32) -> RetentionConfig {
 }
 
 /// The webhook the outbox rows are addressed to.
-async fn add_webhook(pool: &PgPool) {
+async fn add_webhook(pool: &Db) {
     sqlx::query(
         "INSERT INTO crm_sync.webhooks (name, format, events, max_attempts, timeout_ms)
          VALUES ('ops', 'json', ARRAY['run_failed', 'run_recovered'], 3, 1000)",
@@ -74,7 +74,7 @@ async fn add_webhook(pool: &PgPool) {
 /// a delivered failure notification), the `cancel_every`-th cancelled before its last step, the rest
 /// succeeded; each run finished two minutes after it was created. Returns the runs inserted.
 async fn insert_history(
-    pool: &PgPool,
+    pool: &Db,
     pipeline: &str,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
@@ -146,7 +146,7 @@ async fn insert_history(
 
 /// One finished run written by hand (for the special cases), with one step per pipeline step.
 async fn insert_run(
-    pool: &PgPool,
+    pool: &Db,
     pipeline: &str,
     status: &str,
     created_at: DateTime<Utc>,
@@ -186,7 +186,7 @@ async fn insert_run(
 }
 
 /// Adds a failure notification for `run` whose delivery is in `state`.
-async fn add_notification(pool: &PgPool, run: Uuid, state: &str) {
+async fn add_notification(pool: &Db, run: Uuid, state: &str) {
     sqlx::query(
         "WITH e AS (INSERT INTO crm_sync.notification_events (kind, run_id, pipeline, batch_id)
                     SELECT 'run_failed', id, pipeline, batch_id FROM crm_sync.runs WHERE id = $1
@@ -200,14 +200,14 @@ async fn add_notification(pool: &PgPool, run: Uuid, state: &str) {
     .unwrap();
 }
 
-async fn db_now(pool: &PgPool) -> DateTime<Utc> {
+async fn db_now(pool: &Db) -> DateTime<Utc> {
     sqlx::query_scalar("SELECT now()")
         .fetch_one(pool)
         .await
         .unwrap()
 }
 
-async fn table_rows(pool: &PgPool) -> Vec<i64> {
+async fn table_rows(pool: &Db) -> Vec<i64> {
     let mut rows = Vec::new();
     for t in TABLES {
         let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -222,7 +222,7 @@ async fn table_rows(pool: &PgPool) -> Vec<i64> {
 }
 
 /// Bytes of the history tables (with TOAST) and of their indexes.
-async fn history_bytes(pool: &PgPool) -> (i64, i64) {
+async fn history_bytes(pool: &Db) -> (i64, i64) {
     sqlx::query_as(
         "SELECT sum(pg_table_size(('crm_sync.' || t)::regclass))::bigint,
                 sum(pg_indexes_size(('crm_sync.' || t)::regclass))::bigint
@@ -234,7 +234,7 @@ async fn history_bytes(pool: &PgPool) -> (i64, i64) {
     .unwrap()
 }
 
-async fn exists(pool: &PgPool, run: Uuid) -> bool {
+async fn exists(pool: &Db, run: Uuid) -> bool {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM crm_sync.runs WHERE id = $1)")
         .bind(run)
         .fetch_one(pool)
@@ -256,7 +256,7 @@ struct Run {
     pending_delivery: bool,
 }
 
-async fn all_runs(pool: &PgPool) -> Vec<Run> {
+async fn all_runs(pool: &Db) -> Vec<Run> {
     sqlx::query_as(
         "SELECT r.id, r.pipeline, r.status, r.created_at, r.finished_at, r.retry_of,
                 EXISTS (SELECT 1 FROM crm_sync.notification_events e
@@ -624,7 +624,7 @@ async fn a_year_of_runs_is_pruned_in_batches_to_exactly_what_the_policy_keeps() 
     assert_eq!((again.runs(), again.batches), (0, 1));
 }
 
-async fn step_counts(pool: &PgPool) -> HashMap<Uuid, i64> {
+async fn step_counts(pool: &Db) -> HashMap<Uuid, i64> {
     sqlx::query_as::<_, (Uuid, i64)>("SELECT run_id, count(*) FROM crm_sync.steps GROUP BY run_id")
         .fetch_all(pool)
         .await
@@ -633,7 +633,7 @@ async fn step_counts(pool: &PgPool) -> HashMap<Uuid, i64> {
         .collect()
 }
 
-async fn kept_by_status(pool: &PgPool) -> HashMap<(String, String), i64> {
+async fn kept_by_status(pool: &Db) -> HashMap<(String, String), i64> {
     sqlx::query_as::<_, (String, String, i64)>(
         "SELECT pipeline, status, count(*) FROM crm_sync.runs GROUP BY pipeline, status",
     )
@@ -993,7 +993,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn count_runs(pool: &PgPool) -> i64 {
+async fn count_runs(pool: &Db) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM crm_sync.runs")
         .fetch_one(pool)
         .await

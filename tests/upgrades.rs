@@ -10,6 +10,7 @@
 
 mod common;
 
+use crm_sync::db::Db;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,7 +19,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{TestDb, run_binary, write_config};
 use serde_json::{Value, json};
-use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use uuid::Uuid;
 
@@ -40,7 +40,7 @@ const OLD_TABLES: [&str; 6] = [
 ];
 
 /// Applies the previous release's migrations with sqlx's migrator, as that release's binary did.
-async fn migrate_to_previous_release(pool: &PgPool) {
+async fn migrate_to_previous_release(pool: &Db) {
     let dir = tempfile::tempdir().unwrap();
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
     for file in PREVIOUS_RELEASE {
@@ -48,12 +48,12 @@ async fn migrate_to_previous_release(pool: &PgPool) {
     }
     let old = Migrator::new(dir.path()).await.unwrap();
     assert_eq!(old.iter().count(), 3);
-    old.run(pool)
+    old.run(pool.pool())
         .await
         .expect("the previous release's migrations apply");
 }
 
-async fn step_of(pool: &PgPool, worker: &str) -> (i64, i64, Uuid) {
+async fn step_of(pool: &Db, worker: &str) -> (i64, i64, Uuid) {
     sqlx::query_as("SELECT step_id, fence, run_id FROM crm_sync.claim_steps($1, 1, 600000)")
         .bind(worker)
         .fetch_one(pool)
@@ -61,7 +61,7 @@ async fn step_of(pool: &PgPool, worker: &str) -> (i64, i64, Uuid) {
         .expect("a step to claim")
 }
 
-async fn complete(pool: &PgPool, worker: &str, step: i64, fence: i64, output: Value) {
+async fn complete(pool: &Db, worker: &str, step: i64, fence: i64, output: Value) {
     let accepted: Vec<i64> =
         sqlx::query_scalar("SELECT crm_sync.complete_steps($1, ARRAY[$2], ARRAY[$3], ARRAY[$4])")
             .bind(worker)
@@ -74,7 +74,7 @@ async fn complete(pool: &PgPool, worker: &str, step: i64, fence: i64, output: Va
     assert_eq!(accepted, vec![step]);
 }
 
-async fn enqueue(pool: &PgPool, pipeline: &str, params: Value, key: Option<&str>) -> Uuid {
+async fn enqueue(pool: &Db, pipeline: &str, params: Value, key: Option<&str>) -> Uuid {
     sqlx::query_scalar("SELECT crm_sync.enqueue_run($1, $2, $3)")
         .bind(pipeline)
         .bind(params)
@@ -84,7 +84,7 @@ async fn enqueue(pool: &PgPool, pipeline: &str, params: Value, key: Option<&str>
         .unwrap()
 }
 
-async fn status(pool: &PgPool, run: Uuid) -> String {
+async fn status(pool: &Db, run: Uuid) -> String {
     sqlx::query_scalar("SELECT status FROM crm_sync.runs WHERE id = $1")
         .bind(run)
         .fetch_one(pool)
@@ -107,7 +107,7 @@ struct OldRuns {
     with_key: Uuid,
 }
 
-async fn fill_previous_release(pool: &PgPool) -> OldRuns {
+async fn fill_previous_release(pool: &Db) -> OldRuns {
     sqlx::raw_sql(
         "INSERT INTO crm_sync.pipelines (name, steps, max_attempts, step_timeout_ms, max_concurrent_runs, freshness_sla_s)
          VALUES ('accounts', ARRAY['extract', 'transform', 'load'], 3, 540000, 1, 86400),
@@ -241,7 +241,7 @@ async fn fill_previous_release(pool: &PgPool) -> OldRuns {
 }
 
 /// Every row of a table as JSON, keyed by its primary key (or its first column).
-async fn rows(pool: &PgPool, table: &str) -> BTreeMap<String, Value> {
+async fn rows(pool: &Db, table: &str) -> BTreeMap<String, Value> {
     let key = match table {
         "pipelines" => "name",
         "schedule_state" => "pipeline",
@@ -259,7 +259,7 @@ async fn rows(pool: &PgPool, table: &str) -> BTreeMap<String, Value> {
 
 /// What `migrate` must leave alone: the migrations table and the definitions of every function,
 /// view, index and table column of the schema.
-async fn schema_fingerprint(pool: &PgPool) -> Vec<String> {
+async fn schema_fingerprint(pool: &Db) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT format('migration %s %s %s %s', version, description, installed_on, encode(checksum, 'hex'))
            FROM _sqlx_migrations

@@ -76,7 +76,7 @@ struct RunWatch {
 
 impl RunWatch {
     /// Waits for the next changes and returns their events.
-    async fn next(&mut self, pool: &sqlx::PgPool) -> Vec<Result<Event, Infallible>> {
+    async fn next(&mut self, pool: &crate::db::Db) -> Vec<Result<Event, Infallible>> {
         loop {
             tokio::time::sleep(POLL).await;
             let rows: Result<(DateTime<Utc>, Vec<RunSummary>), sqlx::Error> = async {
@@ -148,7 +148,7 @@ impl Follow {
     /// The events of one step forward, and the state after it; `None` ends the stream.
     async fn next(
         self,
-        pool: &sqlx::PgPool,
+        pool: &crate::db::Db,
         id: Uuid,
     ) -> Option<(Vec<Result<Event, Infallible>>, Follow)> {
         match self {

@@ -21,8 +21,8 @@ pub use error::ApiError;
 
 use std::sync::Arc;
 
+use crate::db::Db;
 use axum::Router;
-use sqlx::PgPool;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::config::Config;
@@ -32,7 +32,7 @@ use crate::metrics::cluster::ClusterMetrics;
 /// Everything a handler needs.
 #[derive(Clone)]
 pub struct AppState {
-    pub pool: PgPool,
+    pub pool: Db,
     pub config: Arc<Config>,
     pub tokens: Arc<Tokens>,
     /// This process's metrics (workers, scheduler in the same process record into it).
@@ -44,7 +44,7 @@ pub struct AppState {
 
 impl AppState {
     /// State for the full API: fresh process metrics and the cluster gauges.
-    pub fn new(pool: PgPool, config: Arc<Config>, tokens: Tokens) -> Self {
+    pub fn new(pool: Db, config: Arc<Config>, tokens: Tokens) -> Self {
         Self {
             pool,
             config,

@@ -10,10 +10,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::db::Db;
 use anyhow::Context;
 use serde::Serialize;
 use serde_json::json;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -65,7 +65,7 @@ struct Report {
     merge_counts: Option<serde_json::Value>,
 }
 
-pub async fn run(config: &Config, pool: PgPool, args: &PipelineBenchArgs) -> anyhow::Result<()> {
+pub async fn run(config: &Config, pool: Db, args: &PipelineBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.rows > 0, "--rows must be at least 1");
     let fixture = EzFocusFixture::start_on_free_port(EzFocusConfig::with_rows(args.rows)).await?;
     let backups = tempdir()?;
@@ -188,7 +188,7 @@ pub async fn run(config: &Config, pool: PgPool, args: &PipelineBenchArgs) -> any
 }
 
 /// Enqueues one run of the benchmark pipeline and waits for it to succeed.
-async fn run_once(pool: &PgPool) -> anyhow::Result<(uuid::Uuid, String)> {
+async fn run_once(pool: &Db) -> anyhow::Result<(uuid::Uuid, String)> {
     let id = queue::enqueue(pool, PIPELINE, &json!({}), None, Trigger::Cli).await?;
     loop {
         let (status, error): (String, Option<String>) =

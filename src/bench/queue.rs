@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::db::Db;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, PipelineConfig, SourceConfig, WorkerConfig};
@@ -77,7 +77,7 @@ struct LatencyReport {
 }
 
 /// Runs the benchmark and prints its figures.
-pub async fn run(config: &Config, pool: PgPool, args: &QueueBenchArgs) -> anyhow::Result<()> {
+pub async fn run(config: &Config, pool: Db, args: &QueueBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.jobs > 0, "--jobs must be at least 1");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
@@ -146,7 +146,7 @@ fn bench_config(config: &Config) -> Config {
     }
 }
 
-async fn delete_bench_runs(pool: &PgPool) -> anyhow::Result<()> {
+async fn delete_bench_runs(pool: &Db) -> anyhow::Result<()> {
     sqlx::query("DELETE FROM crm_sync.runs WHERE pipeline = $1")
         .bind(BENCH_PIPELINE)
         .execute(pool)
@@ -188,7 +188,7 @@ async fn start_workers(
 
 async fn throughput(
     config: &Config,
-    pool: &PgPool,
+    pool: &Db,
     bench_config: Arc<Config>,
     worker_config: &WorkerConfig,
     args: &QueueBenchArgs,
@@ -272,7 +272,7 @@ async fn throughput(
 
 async fn latency(
     config: &Config,
-    pool: &PgPool,
+    pool: &Db,
     bench_config: Arc<Config>,
     worker_config: &WorkerConfig,
     args: &QueueBenchArgs,

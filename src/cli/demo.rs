@@ -353,7 +353,7 @@ fn admin_token(dir: &Path) -> anyhow::Result<(String, PathBuf)> {
     Ok((token, path))
 }
 
-async fn wait_all(pool: &sqlx::PgPool, runs: &[Uuid]) -> anyhow::Result<bool> {
+async fn wait_all(pool: &crate::db::Db, runs: &[Uuid]) -> anyhow::Result<bool> {
     let deadline = Instant::now() + RUN_TIMEOUT;
     loop {
         let mut done = 0;
@@ -395,7 +395,7 @@ async fn service_ended(
     }
 }
 
-async fn print_run(pool: &sqlx::PgPool, id: Uuid) -> anyhow::Result<()> {
+async fn print_run(pool: &crate::db::Db, id: Uuid) -> anyhow::Result<()> {
     let detail = history::run_detail(pool, id)
         .await?
         .context("a demo run disappeared")?;

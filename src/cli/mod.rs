@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::db::Db;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -339,7 +339,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     Config::load(&cli.config, explicit).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
 }
 
-async fn connect(config: &Config) -> anyhow::Result<PgPool> {
+async fn connect(config: &Config) -> anyhow::Result<Db> {
     db::connect(
         config.require_database_url()?,
         config.worker.max_connections,
@@ -349,7 +349,7 @@ async fn connect(config: &Config) -> anyhow::Result<PgPool> {
 }
 
 /// Connects and checks the schema is current.
-async fn connect_ready(config: &Config) -> anyhow::Result<PgPool> {
+async fn connect_ready(config: &Config) -> anyhow::Result<Db> {
     let pool = connect(config).await?;
     if !db::migrations_current(&pool).await? {
         bail!("the database schema is missing or outdated: run `crm-sync migrate` first");
@@ -359,13 +359,13 @@ async fn connect_ready(config: &Config) -> anyhow::Result<PgPool> {
 
 /// [`connect_ready`], then registers the config's pipelines and webhooks for a command that runs once
 /// (`run`, `retry`, `rerun`, `migrate`): a definition a live process holds is not replaced by it.
-async fn connect_and_register(config: &Config, command: &str) -> anyhow::Result<PgPool> {
+async fn connect_and_register(config: &Config, command: &str) -> anyhow::Result<Db> {
     let pool = connect_ready(config).await?;
     register_once(&pool, config, command).await?;
     Ok(pool)
 }
 
-async fn register_once(pool: &PgPool, config: &Config, command: &str) -> anyhow::Result<()> {
+async fn register_once(pool: &Db, config: &Config, command: &str) -> anyhow::Result<()> {
     let by = format!("{command}:{}", registry::processes::new_process_id());
     registry::register_config(pool, config, &by, false)
         .await
@@ -537,7 +537,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// `crm-sync pipelines [disable|enable NAME]`.
 async fn pipelines(
-    pool: &PgPool,
+    pool: &Db,
     action: Option<PipelinesAction>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
@@ -947,7 +947,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 }
 
 async fn finish_or_wait(
-    pool: &PgPool,
+    pool: &Db,
     id: Uuid,
     wait: bool,
     opts: &WaitOpts,

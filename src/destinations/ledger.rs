@@ -59,11 +59,13 @@ pub fn loader_name(fence: i64) -> String {
 pub async fn ensure(conn: &mut PgConnection) -> Result<(), StepError> {
     let mut tx = conn.begin().await.map_err(ledger_error)?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('crm_sync_ledger'))")
+        .persistent(false)
         .execute(&mut *tx)
         .await
         .map_err(ledger_error)?;
     for sql in CREATE {
         sqlx::query(sql)
+            .persistent(false)
             .execute(&mut *tx)
             .await
             .map_err(ledger_error)?;
@@ -81,6 +83,7 @@ pub async fn committed(
     let output: Option<Value> = sqlx::query_scalar(
         "SELECT output FROM crm_sync_ledger.loads WHERE target = $1 AND batch_id = $2",
     )
+    .persistent(false)
     .bind(target)
     .bind(batch_id)
     .fetch_optional(&mut *tx)
@@ -104,6 +107,7 @@ pub async fn claim(
             "INSERT INTO crm_sync_ledger.fences (target, fence, step_id) VALUES ($1, 0, 0)
              ON CONFLICT (target) DO NOTHING",
         )
+        .persistent(false)
         .bind(target)
         .execute(&mut *tx)
         .await
@@ -111,6 +115,7 @@ pub async fn claim(
         let (owner, owner_step): (i64, i64) = sqlx::query_as(
             "SELECT fence, step_id FROM crm_sync_ledger.fences WHERE target = $1 FOR UPDATE",
         )
+        .persistent(false)
         .bind(target)
         .fetch_one(&mut *tx)
         .await
@@ -137,7 +142,7 @@ pub async fn claim(
         }
         sqlx::query(
             "UPDATE crm_sync_ledger.fences SET fence = $2, step_id = $3, updated_at = now() WHERE target = $1",
-        )
+        ).persistent(false)
         .bind(target)
         .bind(ctx.fence)
         .bind(ctx.step_id)
@@ -164,6 +169,7 @@ async fn end_stale_loader(conn: &mut PgConnection, fence: i64) {
                                  AND pid <> pg_backend_pid() OFFSET 0) stale
               WHERE pg_terminate_backend(pid)",
         )
+        .persistent(false)
         .bind(loader_name(fence))
         .fetch_all(&mut *tx)
         .await?;
@@ -192,6 +198,7 @@ pub async fn mark_loader(tx: &mut PgConnection, fence: i64) -> Result<(), StepEr
         "SET LOCAL application_name = '{}'",
         loader_name(fence)
     )))
+    .persistent(false)
     .execute(tx)
     .await
     .map_err(ledger_error)?;
@@ -208,6 +215,7 @@ pub async fn seal(
 ) -> Result<(), StepError> {
     let owner: i64 =
         sqlx::query_scalar("SELECT fence FROM crm_sync_ledger.fences WHERE target = $1 FOR UPDATE")
+            .persistent(false)
             .bind(target)
             .fetch_one(&mut *tx)
             .await
@@ -221,6 +229,7 @@ pub async fn seal(
         "INSERT INTO crm_sync_ledger.loads (target, batch_id, pipeline, step_id, fence, output)
          VALUES ($1, $2, $3, $4, $5, $6)",
     )
+    .persistent(false)
     .bind(target)
     .bind(&ctx.batch_id)
     .bind(&ctx.pipeline)

@@ -216,6 +216,7 @@ async fn write_batch(
     let merge = spec.merge.as_ref();
     let columns = &spec.columns;
     let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .persistent(false)
         .bind(format!("{schema}.{name}"))
         .fetch_one(&mut *tx)
         .await
@@ -231,6 +232,7 @@ async fn write_batch(
         && exists
     {
         let indexed: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .persistent(false)
             .bind(format!("{schema}.{}", merge_index(name)))
             .fetch_one(&mut *tx)
             .await
@@ -278,6 +280,7 @@ async fn write_batch(
     };
     for sql in statements {
         sqlx::query(sqlx::AssertSqlSafe(sql))
+            .persistent(false)
             .execute(&mut *tx)
             .await
             .map_err(load_error)?;
@@ -309,6 +312,7 @@ async fn require_nulls_not_distinct(tx: &mut PgConnection) -> Result<(), StepErr
     let (number, version): (i32, String) = sqlx::query_as(
         "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
     )
+    .persistent(false)
     .fetch_one(&mut *tx)
     .await
     .map_err(load_error)?;
@@ -388,6 +392,7 @@ async fn remove_unkeyable(
         key_array(key, "t."),
         key_array(key, ""),
     )))
+    .persistent(false)
     .execute(&mut *tx)
     .await
     .map_err(load_error)?;
@@ -422,7 +427,7 @@ async fn merge_stage(
     let keys = m.key.join(", ");
     let duplicates: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT concat_ws('+', {keys}) FROM crm_sync_merge_stage GROUP BY {keys} HAVING count(*) > 1 LIMIT 5"
-    )))
+    ))).persistent(false)
     .fetch_all(&mut *tx)
     .await
     .map_err(load_error)?;
@@ -434,6 +439,7 @@ async fn merge_stage(
     }
     // Planner statistics for the stage, so the joins below hash instead of looping.
     sqlx::query("ANALYZE crm_sync_merge_stage")
+        .persistent(false)
         .execute(&mut *tx)
         .await
         .map_err(load_error)?;
@@ -442,12 +448,14 @@ async fn merge_stage(
     let live: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {target} t WHERE t.deleted_at IS NULL"
     )))
+    .persistent(false)
     .fetch_one(&mut *tx)
     .await
     .map_err(load_error)?;
     let to_delete: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {target} t WHERE {missing}"
     )))
+    .persistent(false)
     .fetch_one(&mut *tx)
     .await
     .map_err(load_error)?;
@@ -487,11 +495,12 @@ async fn merge_stage(
         scols = all.iter().map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", "),
         batch = columns.batch,
         key = m.key.join(", "),
-    )))
+    ))).persistent(false)
     .fetch_one(&mut *tx)
     .await
     .map_err(load_error)?;
     let staged: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_sync_merge_stage")
+        .persistent(false)
         .fetch_one(&mut *tx)
         .await
         .map_err(load_error)?;
@@ -499,10 +508,12 @@ async fn merge_stage(
         DeleteMode::Soft => sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE {target} t SET deleted_at = now(), deleted_in_batch = $1 WHERE {missing}"
         )))
+        .persistent(false)
         .bind(batch_id),
         DeleteMode::Hard => sqlx::query(sqlx::AssertSqlSafe(format!(
             "DELETE FROM {target} t WHERE {missing}"
-        ))),
+        )))
+        .persistent(false),
     }
     .execute(&mut *tx)
     .await

@@ -1,8 +1,8 @@
 //! Cluster metrics: the queue and the pipelines' freshness as PostgreSQL sees them, read at scrape
 //! time. Gauges only, so every replica that exports them reports the same values.
 
+use crate::db::Db;
 use prometheus::{Gauge, GaugeVec, IntGauge, IntGaugeVec, Opts, Registry};
-use sqlx::PgPool;
 use tokio::sync::Mutex;
 
 use super::{encode, register};
@@ -99,7 +99,7 @@ impl ClusterMetrics {
     }
 
     /// Reads the gauges from the database and returns them in the Prometheus text format.
-    pub async fn render(&self, pool: &PgPool) -> Result<String, sqlx::Error> {
+    pub async fn render(&self, pool: &Db) -> Result<String, sqlx::Error> {
         let _one_at_a_time = self.refreshing.lock().await;
         let queue: QueueRow = sqlx::query_as("SELECT * FROM crm_sync.queue_metrics()")
             .fetch_one(pool)

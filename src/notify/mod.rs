@@ -21,8 +21,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::db::Db;
 use futures::future::join_all;
-use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -43,11 +43,13 @@ const LEASE_MARGIN: Duration = Duration::from_secs(30);
 
 /// Sends the deliveries of the configured webhooks until shut down; see the module docs.
 pub struct Notifier {
-    pool: PgPool,
+    pool: Db,
     webhooks: HashMap<String, WebhookConfig>,
     names: Vec<String>,
     console_base: String,
     poll_interval: Duration,
+    /// A direct connection for LISTEN; `None` behind a transaction-mode pooler without one: polling.
+    listen_url: Option<String>,
     client: reqwest::Client,
     metrics: Arc<Metrics>,
 }
@@ -55,7 +57,7 @@ pub struct Notifier {
 impl Notifier {
     /// A notifier for `config`'s webhooks (none configured: nothing to do, so the caller should not
     /// start one). Polls at `[worker] poll_interval` when no NOTIFY arrives.
-    pub fn new(pool: PgPool, config: &Config) -> anyhow::Result<Notifier> {
+    pub fn new(pool: Db, config: &Config) -> anyhow::Result<Notifier> {
         let webhooks: HashMap<String, WebhookConfig> = config
             .notifications
             .webhooks
@@ -70,6 +72,7 @@ impl Notifier {
             names,
             console_base: config.server.console_base(),
             poll_interval: config.worker.poll_interval,
+            listen_url: crate::db::direct_url(config).map(str::to_string),
             client: deliver::client()?,
             metrics: Metrics::new(),
         })
@@ -94,7 +97,7 @@ impl Notifier {
         let wake = Arc::new(Notify::new());
         let stop_listening = shutdown.child_token();
         let listener = tokio::spawn(listen(
-            self.pool.clone(),
+            self.listen_url.clone(),
             wake.clone(),
             stop_listening.clone(),
         ));
@@ -225,10 +228,13 @@ impl Notifier {
 
 /// Turns NOTIFYs on [`CHANNEL`] into wake-ups; reconnects when the connection drops (polling covers
 /// the gap).
-async fn listen(pool: PgPool, wake: Arc<Notify>, stop: CancellationToken) {
+async fn listen(url: Option<String>, wake: Arc<Notify>, stop: CancellationToken) {
+    let Some(url) = url else {
+        return;
+    };
     loop {
         let connected = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
+            let mut listener = PgListener::connect(&url).await?;
             listener.listen(CHANNEL).await?;
             Ok::<_, sqlx::Error>(listener)
         };

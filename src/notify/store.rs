@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::db::Db;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 /// One claimed attempt at one delivery, with the facts its payload needs. The attempt number is the
@@ -47,7 +47,7 @@ pub enum Recorded {
 /// Claims up to `limit` due deliveries of `webhooks`, each leased for its webhook's timeout plus
 /// `margin`.
 pub async fn claim(
-    pool: &PgPool,
+    pool: &Db,
     webhooks: &[String],
     limit: i32,
     margin: Duration,
@@ -73,7 +73,7 @@ pub struct AttemptResult {
 
 /// Records an attempt's outcome, fenced by its attempt number.
 pub async fn record(
-    pool: &PgPool,
+    pool: &Db,
     delivery: &ClaimedDelivery,
     result: &AttemptResult,
 ) -> Result<Recorded, sqlx::Error> {

@@ -2,15 +2,15 @@
 
 use std::time::Duration;
 
+use crate::db::Db;
 use serde_json::Value;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 /// Everything a running step may know: who it is, its run's parameters, and the checkpoints of the
 /// steps before it.
 #[derive(Debug, Clone)]
 pub struct StepContext {
-    pub pool: PgPool,
+    pub pool: Db,
     /// The worker running the step (completions inside a load's transaction name it).
     pub worker_id: String,
     pub step_id: i64,

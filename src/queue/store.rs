@@ -4,9 +4,9 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
+use crate::db::Db;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{ClaimedStep, FailOutcome, Lease, QueueError, Served, Trigger};
@@ -14,7 +14,7 @@ use super::{ClaimedStep, FailOutcome, Lease, QueueError, Served, Trigger};
 /// Enqueues one run of `pipeline` and returns its id. With an idempotency key, a repeat returns the
 /// run the key already names (and a reuse with other parameters is a [`QueueError::Conflict`]).
 pub async fn enqueue(
-    pool: &PgPool,
+    pool: &Db,
     pipeline: &str,
     params: &Value,
     idempotency_key: Option<&str>,
@@ -43,7 +43,7 @@ pub async fn enqueue(
 
 /// Enqueues `count` runs of `pipeline` in one statement (benchmarks, back-fills).
 pub async fn enqueue_many(
-    pool: &PgPool,
+    pool: &Db,
     pipeline: &str,
     count: u32,
     trigger: Trigger,
@@ -61,7 +61,7 @@ pub async fn enqueue_many(
 /// Claims up to `limit` due steps of the `served` pipelines for `worker`, each with a lease of
 /// `lease`; the steps of other pipelines wait for a worker that serves them.
 pub async fn claim(
-    pool: &PgPool,
+    pool: &Db,
     worker: &str,
     limit: usize,
     lease: Duration,
@@ -82,7 +82,7 @@ pub async fn claim(
 /// Completes a batch of steps with their outputs. Returns the leases that were accepted; the others
 /// had been lost (taken over, cancelled or reaped) and their outputs were discarded.
 pub async fn complete(
-    pool: &PgPool,
+    pool: &Db,
     worker: &str,
     done: &[(Lease, Value)],
 ) -> Result<HashSet<i64>, QueueError> {
@@ -112,6 +112,7 @@ pub async fn complete_in(
 ) -> Result<bool, sqlx::Error> {
     let accepted: Vec<i64> =
         sqlx::query_scalar("SELECT * FROM crm_sync.complete_steps($1, $2, $3, $4)")
+            .persistent(false)
             .bind(worker)
             .bind(vec![lease.step_id])
             .bind(vec![lease.fence])
@@ -122,7 +123,7 @@ pub async fn complete_in(
 }
 
 /// Whether this claim of the step still holds (not taken over, cancelled or reaped).
-pub async fn lease_held(pool: &PgPool, lease: Lease) -> Result<bool, sqlx::Error> {
+pub async fn lease_held(pool: &Db, lease: Lease) -> Result<bool, sqlx::Error> {
     let held: Option<i64> = sqlx::query_scalar(
         "SELECT id FROM crm_sync.steps WHERE id = $1 AND fence = $2 AND status = 'running'",
     )
@@ -135,7 +136,7 @@ pub async fn lease_held(pool: &PgPool, lease: Lease) -> Result<bool, sqlx::Error
 
 /// Records a failed attempt; see [`FailOutcome`].
 pub async fn fail(
-    pool: &PgPool,
+    pool: &Db,
     worker: &str,
     lease: Lease,
     error: &str,
@@ -163,7 +164,7 @@ pub async fn fail(
 
 /// Renews leases; returns the step ids still held by this worker.
 pub async fn heartbeat(
-    pool: &PgPool,
+    pool: &Db,
     worker: &str,
     leases: &[Lease],
     lease: Duration,
@@ -180,7 +181,7 @@ pub async fn heartbeat(
 }
 
 /// Gives steps back to the queue without spending an attempt.
-pub async fn release(pool: &PgPool, worker: &str, leases: &[Lease]) -> Result<u64, QueueError> {
+pub async fn release(pool: &Db, worker: &str, leases: &[Lease]) -> Result<u64, QueueError> {
     let (ids, fences) = split(leases);
     let n: i32 = sqlx::query_scalar("SELECT crm_sync.release_steps($1, $2, $3)")
         .bind(worker)
@@ -192,7 +193,7 @@ pub async fn release(pool: &PgPool, worker: &str, leases: &[Lease]) -> Result<u6
 }
 
 /// Re-queues (or fails) steps whose lease expired; returns how many.
-pub async fn reap_expired(pool: &PgPool) -> Result<u64, QueueError> {
+pub async fn reap_expired(pool: &Db) -> Result<u64, QueueError> {
     let n: i32 = retry_on_conflict(|| async {
         sqlx::query_scalar("SELECT crm_sync.reap_expired_leases()")
             .fetch_one(pool)
@@ -203,7 +204,7 @@ pub async fn reap_expired(pool: &PgPool) -> Result<u64, QueueError> {
 }
 
 /// Cancels a queued or running run.
-pub async fn cancel(pool: &PgPool, run_id: Uuid) -> Result<(), QueueError> {
+pub async fn cancel(pool: &Db, run_id: Uuid) -> Result<(), QueueError> {
     retry_on_conflict(|| async {
         sqlx::query_scalar::<_, String>("SELECT crm_sync.cancel_run($1)")
             .bind(run_id)
@@ -215,7 +216,7 @@ pub async fn cancel(pool: &PgPool, run_id: Uuid) -> Result<(), QueueError> {
 }
 
 /// Resumes a failed or cancelled run as a new run of the same batch; returns the new run's id.
-pub async fn retry(pool: &PgPool, run_id: Uuid) -> Result<Uuid, QueueError> {
+pub async fn retry(pool: &Db, run_id: Uuid) -> Result<Uuid, QueueError> {
     retry_on_conflict(|| async {
         sqlx::query_scalar("SELECT crm_sync.retry_run($1)")
             .bind(run_id)
@@ -226,7 +227,7 @@ pub async fn retry(pool: &PgPool, run_id: Uuid) -> Result<Uuid, QueueError> {
 }
 
 /// Runs a run's pipeline again as a fresh batch with the same parameters; returns the new run's id.
-pub async fn rerun(pool: &PgPool, run_id: Uuid, trigger: Trigger) -> Result<Uuid, QueueError> {
+pub async fn rerun(pool: &Db, run_id: Uuid, trigger: Trigger) -> Result<Uuid, QueueError> {
     retry_on_conflict(|| async {
         sqlx::query_scalar("SELECT crm_sync.rerun_run($1, $2)")
             .bind(run_id)

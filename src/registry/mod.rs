@@ -16,9 +16,10 @@ pub use processes::{Presence, ProcessInfo, Role};
 
 use std::time::Duration;
 
+use crate::db::Db;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use tracing::{info, warn};
 
 use crate::config::{Config, NotificationsConfig, PipelineConfig};
@@ -74,7 +75,7 @@ pub enum Outcome {
 /// Registers the pipelines and webhooks of `config` as process `by` (`live` when `by` has a row in
 /// `crm_sync.workers` that it keeps alive), in one transaction, and logs every conflict.
 pub async fn register_config(
-    pool: &PgPool,
+    pool: &Db,
     config: &Config,
     by: &str,
     live: bool,
@@ -100,6 +101,7 @@ pub async fn register_config(
                 let (registered, holder): (Option<String>, Option<String>) = sqlx::query_as(
                     "SELECT fingerprint, registered_by FROM crm_sync.pipelines WHERE name = $1",
                 )
+                .persistent(false)
                 .bind(name)
                 .fetch_one(pool)
                 .await?;
@@ -126,7 +128,7 @@ pub async fn register(
 ) -> Result<Outcome, sqlx::Error> {
     let outcome: String = sqlx::query_scalar(
         "SELECT crm_sync.register_pipeline($1, $2, $3, $4, $5, $6, $7, $8, $9, NULLIF($10, 0), $11, $12)",
-    )
+    ).persistent(false)
     .bind(by)
     .bind(live)
     .bind(&r.name)
@@ -167,7 +169,7 @@ async fn register_webhooks(
                     IS DISTINCT FROM
                     (EXCLUDED.format, EXCLUDED.events, EXCLUDED.pipelines, EXCLUDED.max_attempts,
                      EXCLUDED.timeout_ms, EXCLUDED.config_enabled)",
-        )
+        ).persistent(false)
         .bind(&w.name)
         .bind(w.format.as_str())
         .bind(&events)
@@ -243,7 +245,7 @@ impl PipelineStatus {
 }
 
 /// Every registered pipeline (internal ones left out), by name, with the live processes' definitions.
-pub async fn list(pool: &PgPool) -> Result<Vec<PipelineStatus>, sqlx::Error> {
+pub async fn list(pool: &Db) -> Result<Vec<PipelineStatus>, sqlx::Error> {
     let mut pipelines: Vec<PipelineStatus> = sqlx::query_as(
         "SELECT h.pipeline AS name, h.enabled, h.disabled_by, h.fingerprint, p.schedule, p.timezone, p.steps,
                 p.max_attempts, p.max_concurrent_runs, p.freshness_sla_s, h.registered_by, h.definitions,
@@ -251,7 +253,7 @@ pub async fn list(pool: &PgPool) -> Result<Vec<PipelineStatus>, sqlx::Error> {
                 h.last_success_at, h.seconds_since_success, coalesce(h.stale, false) AS stale
            FROM crm_sync.pipeline_health h JOIN crm_sync.pipelines p ON p.name = h.pipeline
           WHERE left(h.pipeline, 2) <> $1 ORDER BY h.pipeline",
-    )
+    ).persistent(false)
     .bind(INTERNAL_PREFIX)
     .fetch_all(pool)
     .await?;
@@ -259,7 +261,7 @@ pub async fn list(pool: &PgPool) -> Result<Vec<PipelineStatus>, sqlx::Error> {
         "SELECT g.pipeline, g.process_id, g.fingerprint, w.roles, w.version, g.registered_at
            FROM crm_sync.pipeline_registrations g JOIN crm_sync.live_processes w ON w.id = g.process_id
           ORDER BY g.pipeline, g.registered_at, g.process_id",
-    )
+    ).persistent(false)
     .fetch_all(pool)
     .await?;
     for d in definitions {
@@ -272,13 +274,9 @@ pub async fn list(pool: &PgPool) -> Result<Vec<PipelineStatus>, sqlx::Error> {
 
 /// An operator's `crm-sync pipelines disable|enable NAME`: a disabled pipeline is not scheduled and
 /// accepts no new runs; enabling clears only the operator's flag (a config's `enabled = false` stays).
-pub async fn set_enabled(
-    pool: &PgPool,
-    name: &str,
-    enabled: bool,
-    by: &str,
-) -> Result<(), QueueError> {
+pub async fn set_enabled(pool: &Db, name: &str, enabled: bool, by: &str) -> Result<(), QueueError> {
     sqlx::query("SELECT 1 FROM crm_sync.set_pipeline_enabled($1, $2, $3)")
+        .persistent(false)
         .bind(name)
         .bind(enabled)
         .bind(by)

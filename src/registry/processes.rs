@@ -11,7 +11,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::{Connection, PgConnection, PgPool};
+use crate::db::Db;
+use sqlx::{Connection, PgConnection};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -75,7 +76,7 @@ fn hostname() -> String {
 /// A live process's row, heartbeat and liveness lock; [`Presence::stop`] marks it stopped.
 pub struct Presence {
     id: String,
-    pool: PgPool,
+    pool: Db,
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -123,7 +124,7 @@ impl Presence {
     /// takes its liveness lock when `liveness_url` is given (a direct connection, never a
     /// transaction-mode pooler), and keeps the row alive until [`Presence::stop`].
     pub async fn start(
-        pool: PgPool,
+        pool: Db,
         liveness_url: Option<&str>,
         info: ProcessInfo,
         config: Arc<Config>,
@@ -179,7 +180,7 @@ impl Presence {
 }
 
 async fn insert_row(
-    pool: &PgPool,
+    pool: &Db,
     info: &ProcessInfo,
     config: &Config,
     lock_key: Option<i32>,
@@ -216,7 +217,7 @@ async fn insert_row(
 /// Every second: keeps the liveness lock and rescues the steps of dead processes. Every third of the
 /// lease: the heartbeat, and the registered definitions of pipelines whose holder stopped.
 async fn keep_alive(
-    pool: PgPool,
+    pool: Db,
     info: ProcessInfo,
     config: Arc<Config>,
     mut lock: Option<LivenessLock>,
@@ -254,7 +255,7 @@ async fn keep_alive(
 /// registers again. Then hands pipelines whose registered definition lost its last live holder to
 /// a live one.
 async fn heartbeat(
-    pool: &PgPool,
+    pool: &Db,
     info: &ProcessInfo,
     config: &Config,
     lock_key: Option<i32>,

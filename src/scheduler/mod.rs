@@ -11,8 +11,8 @@ pub mod cron;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::db::Db;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -86,13 +86,13 @@ pub struct TickReport {
 
 /// A scheduler over one database; several may run at once.
 pub struct Scheduler {
-    pool: PgPool,
+    pool: Db,
     pipelines: Vec<ScheduledPipeline>,
     metrics: Arc<Metrics>,
 }
 
 impl Scheduler {
-    pub fn new(pool: PgPool, config: &Config) -> anyhow::Result<Self> {
+    pub fn new(pool: Db, config: &Config) -> anyhow::Result<Self> {
         Ok(Self {
             pool,
             pipelines: scheduled_pipelines(config)?,

@@ -23,9 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::db::Db;
 use futures::FutureExt;
 use serde_json::Value;
-use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -83,7 +83,7 @@ pub struct WorkerStats {
 
 /// A worker over one pool; see the module docs.
 pub struct Worker {
-    pool: PgPool,
+    pool: Db,
     executor: Executor,
     opts: WorkerOptions,
     metrics: Arc<Metrics>,
@@ -111,7 +111,7 @@ struct Slot {
 }
 
 struct Shared {
-    pool: PgPool,
+    pool: Db,
     executor: Executor,
     opts: WorkerOptions,
     metrics: Arc<Metrics>,
@@ -124,7 +124,7 @@ struct Shared {
 }
 
 impl Worker {
-    pub fn new(pool: PgPool, executor: Executor, opts: WorkerOptions) -> Self {
+    pub fn new(pool: Db, executor: Executor, opts: WorkerOptions) -> Self {
         Self {
             pool,
             executor,

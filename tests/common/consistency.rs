@@ -2,7 +2,7 @@
 //! was killed or restarted on the way, the history in `crm_sync` must still tell one consistent story.
 //! Each row of [`VIOLATIONS`] is a broken invariant; an empty answer means the history holds.
 
-use sqlx::PgPool;
+use crm_sync::db::Db;
 
 /// (invariant, offending row) for every violation.
 pub const VIOLATIONS: &str = r#"
@@ -85,7 +85,7 @@ HAVING count(*) > 1
 "#;
 
 /// Panics with every violated invariant.
-pub async fn assert_history_consistent(pool: &PgPool) {
+pub async fn assert_history_consistent(pool: &Db) {
     let violations: Vec<(String, String)> = sqlx::query_as(VIOLATIONS)
         .fetch_all(pool)
         .await

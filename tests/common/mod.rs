@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crm_sync::config::Config;
+use crm_sync::db::Db;
 use crm_sync::pipeline::Executor;
 use crm_sync::registry;
 use crm_sync::worker::{Worker, WorkerOptions, WorkerStats};
-use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,7 @@ pub fn admin_url() -> String {
 pub struct TestDb {
     pub name: String,
     pub url: String,
-    pub pool: PgPool,
+    pub pool: Db,
 }
 
 impl TestDb {
@@ -62,7 +62,11 @@ impl TestDb {
             .connect(&url)
             .await
             .expect("connect test db");
-        TestDb { name, url, pool }
+        TestDb {
+            name,
+            url,
+            pool: Db::from(pool),
+        }
     }
 
     /// Loads `pipelines` (TOML) into a config pointing at this database and registers it.
@@ -128,8 +132,8 @@ impl RunningWorker {
             .unwrap();
         let opts = WorkerOptions::from_config(config);
         let id = opts.id.clone();
-        let worker =
-            Worker::new(pool, Executor::new(Arc::new(config.clone())), opts).with_metrics(metrics);
+        let worker = Worker::new(pool.into(), Executor::new(Arc::new(config.clone())), opts)
+            .with_metrics(metrics);
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(worker.run(shutdown.clone()));
         RunningWorker {
@@ -149,7 +153,7 @@ impl RunningWorker {
 }
 
 /// Waits until the run reaches a final status and returns it.
-pub async fn wait_for_run(pool: &PgPool, id: Uuid, timeout: Duration) -> String {
+pub async fn wait_for_run(pool: &Db, id: Uuid, timeout: Duration) -> String {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let status: String = sqlx::query_scalar("SELECT status FROM crm_sync.runs WHERE id = $1")
@@ -210,7 +214,7 @@ pub async fn run_pipeline_with_metrics(
 }
 
 /// The batch id of a run.
-pub async fn batch_of(pool: &PgPool, run: Uuid) -> String {
+pub async fn batch_of(pool: &Db, run: Uuid) -> String {
     sqlx::query_scalar("SELECT batch_id FROM crm_sync.runs WHERE id = $1")
         .bind(run)
         .fetch_one(pool)
@@ -219,7 +223,7 @@ pub async fn batch_of(pool: &PgPool, run: Uuid) -> String {
 }
 
 /// Rows per batch_id in a destination table.
-pub async fn table_batches(pool: &PgPool, table: &str) -> Vec<(String, i64)> {
+pub async fn table_batches(pool: &Db, table: &str) -> Vec<(String, i64)> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT batch_id::text, count(*) FROM {table} GROUP BY batch_id"
     )))
@@ -229,7 +233,7 @@ pub async fn table_batches(pool: &PgPool, table: &str) -> Vec<(String, i64)> {
 }
 
 /// A run's error text ("" when it has none).
-pub async fn run_error(pool: &PgPool, run: Uuid) -> String {
+pub async fn run_error(pool: &Db, run: Uuid) -> String {
     sqlx::query_scalar::<_, Option<String>>("SELECT error FROM crm_sync.runs WHERE id = $1")
         .bind(run)
         .fetch_one(pool)
@@ -239,7 +243,7 @@ pub async fn run_error(pool: &PgPool, run: Uuid) -> String {
 }
 
 /// Polls `query` (one boolean) until it is true.
-pub async fn wait_until(pool: &PgPool, query: &str, timeout: Duration) {
+pub async fn wait_until(pool: &Db, query: &str, timeout: Duration) {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let done: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(query.to_string()))
@@ -379,7 +383,7 @@ pub fn merge_mode(example: &str) -> String {
 }
 
 /// A step's output (`null` when the step has none).
-pub async fn step_output(pool: &PgPool, run: Uuid, step: &str) -> serde_json::Value {
+pub async fn step_output(pool: &Db, run: Uuid, step: &str) -> serde_json::Value {
     sqlx::query_scalar::<_, Option<serde_json::Value>>(
         "SELECT output FROM crm_sync.steps WHERE run_id = $1 AND name = $2",
     )
