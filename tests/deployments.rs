@@ -905,3 +905,128 @@ async fn warehouse_apart_a_stopped_worker_cannot_commit_after_the_takeover() {
     assert!(terminate(&mut b, Duration::from_secs(40)).success());
     fixture.stop().await;
 }
+
+// ------------------------------------------------------------------ behind a transaction-mode pooler
+
+/// Every role through PgBouncer 1.18 in transaction mode (a small server pool, so that statements of
+/// different clients share server sessions): `migrate`, `serve` (API, scheduler, workers), a second
+/// worker that holds its liveness lock on a direct `listen_url`, SQL enqueue through the pooler, the
+/// CLI, and the EZ Focus pipeline end to end. Nothing may fail and nothing may mix up statements.
+#[tokio::test]
+async fn every_role_works_through_pgbouncer_in_transaction_mode() {
+    let db = TestDb::empty().await;
+    let bouncer =
+        common::pgbouncer::PgBouncer::start_with("127.0.0.1:5432", &[("default_pool_size", "4")]);
+    let pooled = bouncer.url(&db.name);
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = fixture(2_700).await;
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    let example = common::ezfocus::example_config(&fixture, &secrets, &dir.path().join("backups"))
+        .replace("schedule = \"0 1 * * *\"\n", "");
+    let pipelines = format!(
+        "{example}\n[[pipelines]]\nname = \"tick\"\nschedule = \"*/2 * * * * *\"\nmax_concurrent_runs = 0\nsource = {{ kind = \"noop\", steps = 2 }}\n\n\
+         [[pipelines]]\nname = \"many\"\nmax_concurrent_runs = 0\nsource = {{ kind = \"noop\", steps = 3, sleep_ms = 20 }}\n"
+    );
+    let write = |name: &str, extra: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "database_url = \"{pooled}\"\npooler = \"transaction\"\n{extra}\n[server]\nlisten = \"127.0.0.1:{}\"\n\n{pipelines}",
+                free_port()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let through_pooler = write("pooled.toml", "");
+    let with_direct = write("direct.toml", &format!("listen_url = \"{}\"", db.url));
+
+    let (code, out, err) = run_binary(&through_pooler, &["migrate"]);
+    assert_eq!(code, 0, "migrate through PgBouncer: {out}{err}");
+    let mut serve = spawn(&through_pooler, &["serve"], dir.path(), "serve.log");
+    let mut worker = spawn(&with_direct, &["worker"], dir.path(), "worker.log");
+    wait_for_live(&db, 2).await;
+
+    // SQL enqueue through the pooler, as pg_cron on Supabase would.
+    let out = Command::new("psql")
+        .args([
+            &pooled,
+            "-At",
+            "-c",
+            "SELECT crm_sync.enqueue_run('ezfocus_accounts')",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ezfocus: Uuid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let many: Vec<Uuid> = sqlx::query_scalar("SELECT crm_sync.enqueue_runs('many', 60, 'sql')")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let (code, out, err) = run_binary(&through_pooler, &["run", "many", "--wait"]);
+    assert_eq!(code, 0, "run --wait through PgBouncer: {out}{err}");
+    assert_eq!(
+        wait_for_run(&db.pool, ezfocus, Duration::from_secs(120)).await,
+        "succeeded",
+        "{}",
+        common::run_error(&db.pool, ezfocus).await
+    );
+    for run in &many {
+        assert_eq!(
+            wait_for_run(&db.pool, *run, Duration::from_secs(120)).await,
+            "succeeded"
+        );
+    }
+    wait_until(
+        &db.pool,
+        "SELECT count(*) >= 3 FROM crm_sync.runs WHERE pipeline = 'tick' AND trigger = 'schedule' AND status = 'succeeded'",
+        Duration::from_secs(30),
+    )
+    .await;
+    let loaded: i64 = sqlx::query_scalar("SELECT count(*) FROM ezfocus.accounts_list")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(loaded > 2_600, "{loaded} accounts loaded");
+    // The run log is whole: a statement of another client run with ours would have broken it.
+    common::consistency::assert_history_consistent(&db.pool).await;
+    let (code, out, err) = run_binary(&through_pooler, &["pipelines", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"ezfocus_accounts\""), "{out}");
+    let ready = reqwest::get(format!("http://{}/readyz", listen_of(&through_pooler)))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
+    // Only the process with a direct connection holds a liveness lock.
+    let locks: Vec<(String, Option<i32>)> = sqlx::query_as(
+        "SELECT config_path, lock_key FROM crm_sync.live_processes ORDER BY config_path",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(locks.len(), 2, "{locks:?}");
+    assert!(
+        locks[0].0.ends_with("direct.toml") && locks[0].1.is_some(),
+        "{locks:?}"
+    );
+    assert!(
+        locks[1].0.ends_with("pooled.toml") && locks[1].1.is_none(),
+        "{locks:?}"
+    );
+
+    assert!(terminate(&mut serve, Duration::from_secs(40)).success());
+    assert!(terminate(&mut worker, Duration::from_secs(40)).success());
+    for log in ["serve.log", "worker.log"] {
+        let text = std::fs::read_to_string(dir.path().join(log)).unwrap();
+        for bad in ["prepared statement", "failed", "ERROR"] {
+            assert!(!text.contains(bad), "{log} says {bad}:\n{text}");
+        }
+    }
+    fixture.stop().await;
+}
