@@ -859,13 +859,33 @@ async fn warehouse_apart_a_stopped_worker_cannot_commit_after_the_takeover() {
         "succeeded"
     );
     let run = psql_enqueue(&db, "ezfocus_accounts");
-    // A's load transaction is copying: stop A right there.
-    wait_until(
-        &warehouse.pool,
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'crm-sync load f%' AND query LIKE 'COPY%' AND state = 'active')",
-        Duration::from_secs(120),
-    )
-    .await;
+    // A's load transaction of this run is copying: stop A right there. (The transaction carries
+    // the fencing token of the claim in its application_name.)
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "A's load never reached its COPY");
+        let fence: Option<i64> = sqlx::query_scalar(
+            "SELECT fence FROM crm_sync.steps WHERE run_id = $1 AND name = 'load' AND status = 'running'",
+        )
+        .bind(run)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some(fence) = fence {
+            let copying: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = $1
+                                   AND state = 'active' AND query LIKE 'COPY%')",
+            )
+            .bind(crm_sync::destinations::ledger::loader_name(fence))
+            .fetch_one(&warehouse.pool)
+            .await
+            .unwrap();
+            if copying {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     kill(Pid::from_raw(a.id() as i32), Signal::SIGSTOP).unwrap();
     let stopped_fence: i64 =
         sqlx::query_scalar("SELECT fence FROM crm_sync.steps WHERE run_id = $1 AND name = 'load'")

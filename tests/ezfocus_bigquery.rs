@@ -207,3 +207,96 @@ fn the_gcp_example_keeps_the_same_transform_and_validation_as_the_postgres_one()
     .unwrap();
     assert_eq!(section(&pg), section(&gcp));
 }
+
+/// A load job that an earlier attempt started (its worker died before recording it) is found by the
+/// next attempt from its job id (batch, step, fencing token) and used, instead of a second load.
+#[tokio::test]
+async fn a_load_job_an_earlier_attempt_started_is_used_not_run_again() {
+    let mut s = setup().await;
+    s.bq.stop();
+    let worker = RunningWorker::start(&s.db, &s.config).await;
+    let run = queue::enqueue(
+        &s.db.pool,
+        "ezfocus_accounts",
+        &json!({}),
+        None,
+        Trigger::Cli,
+    )
+    .await
+    .unwrap();
+    common::wait_until(
+        &s.db.pool,
+        "SELECT count(*) >= 1 FROM crm_sync.attempts a JOIN crm_sync.steps s ON s.id = a.step_id
+          WHERE s.name = 'load' AND a.outcome = 'retry'",
+        Duration::from_secs(60),
+    )
+    .await;
+    worker.stop().await;
+    let (step_id, fence): (i64, i64) = sqlx::query_as(
+        "SELECT a.step_id, a.fence FROM crm_sync.attempts a JOIN crm_sync.steps s ON s.id = a.step_id
+          WHERE a.run_id = $1 AND s.name = 'load' ORDER BY a.fence LIMIT 1",
+    )
+    .bind(run)
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    let batch = common::batch_of(&s.db.pool, run).await;
+    let earlier =
+        crm_sync::destinations::bigquery::load_job_id(&batch, queue::Lease { step_id, fence });
+
+    // The earlier attempt's job, as its worker would have started it before dying.
+    s.bq.restart().await;
+    let loader = BigQueryLoader::new(Some(s.bq.base_url()), GcpAuth::Anonymous)
+        .await
+        .unwrap();
+    loader.ensure_dataset(PROJECT, "crm").await.unwrap();
+    let transform = s.config.pipelines[0].transform.as_ref().unwrap();
+    let data: Vec<_> = transform
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.column_type))
+        .collect();
+    let schema = crm_sync::destinations::bigquery::schema(
+        &data,
+        &transform.batch_column,
+        &transform.timestamp_column,
+    );
+    let staging = output(&s.db, run, "transform").await["object"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    loader
+        .load_truncate_with_job_id(PROJECT, "crm", "Accounts_List", &staging, &schema, &earlier)
+        .await
+        .unwrap();
+
+    let worker = RunningWorker::start(&s.db, &s.config).await;
+    let status = wait_for_run(&s.db.pool, run, Duration::from_secs(90)).await;
+    worker.stop().await;
+    assert_eq!(status, "succeeded");
+    let load = output(&s.db, run, "load").await;
+    assert_eq!(load["job_id"], json!(earlier), "{load}");
+    assert_eq!(load["rows"], 2700);
+    // The succeeding attempt started no job of its own.
+    let (last_step, last_fence): (i64, i64) = sqlx::query_as(
+        "SELECT a.step_id, a.fence FROM crm_sync.attempts a JOIN crm_sync.steps s ON s.id = a.step_id
+          WHERE a.run_id = $1 AND s.name = 'load' AND a.outcome = 'succeeded'",
+    )
+    .bind(run)
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    let own = crm_sync::destinations::bigquery::load_job_id(
+        &batch,
+        queue::Lease {
+            step_id: last_step,
+            fence: last_fence,
+        },
+    );
+    assert!(
+        loader.earlier_load(PROJECT, &own).await.unwrap().is_none(),
+        "the succeeding attempt started its own load job {own}"
+    );
+    let rows = count_rows(&s).await;
+    assert_eq!(rows[0]["n"].to_string().trim_matches('"'), "2700");
+}

@@ -95,7 +95,7 @@ async fn workers_and_schedulers_ride_out_a_postgres_crash_and_lose_nothing() {
         .unwrap();
     poll_until(
         &pool,
-        "SELECT count(*) = 2 FROM crm_sync.workers WHERE stopped_at IS NULL",
+        "SELECT count(*) = 2 FROM crm_sync.workers WHERE stopped_at IS NULL AND 'worker' = ANY (roles)",
         Duration::from_secs(30),
     )
     .await;

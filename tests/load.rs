@@ -93,7 +93,7 @@ async fn ten_thousand_runs_over_four_workers_and_two_schedulers_complete_once_ea
     common::wait_until(
         &db.pool,
         &format!(
-            "SELECT (SELECT count(*) FROM crm_sync.workers WHERE stopped_at IS NULL) = {WORKERS}
+            "SELECT (SELECT count(*) FROM crm_sync.workers WHERE stopped_at IS NULL AND 'worker' = ANY (roles)) = {WORKERS}
                 AND EXISTS (SELECT 1 FROM crm_sync.runs WHERE trigger = 'schedule')"
         ),
         Duration::from_secs(30),

@@ -675,7 +675,7 @@ format = "slack"
     );
     wait_until(
         &db.pool,
-        "SELECT count(*) = 2 FROM crm_sync.workers WHERE stopped_at IS NULL",
+        "SELECT count(*) = 2 FROM crm_sync.workers WHERE stopped_at IS NULL AND 'worker' = ANY (roles)",
         Duration::from_secs(30),
     )
     .await;

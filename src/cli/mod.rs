@@ -235,9 +235,17 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum PipelinesAction {
     /// Stop scheduling a pipeline and refuse new runs, for every process, until enabled again.
-    Disable { name: String },
+    #[command(after_help = "Example:\n  crm-sync pipelines disable ezfocus_accounts")]
+    Disable {
+        /// The pipeline's name.
+        name: String,
+    },
     /// Clear an operator's disable (a config's `enabled = false` stays in force).
-    Enable { name: String },
+    #[command(after_help = "Example:\n  crm-sync pipelines enable ezfocus_accounts")]
+    Enable {
+        /// The pipeline's name.
+        name: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -834,7 +842,17 @@ async fn serve_until(
         }
         config.worker.concurrency = c;
     }
-    let pool = connect_ready(&config).await?;
+    // The process's direct connection (LISTEN, liveness lock) counts against max_connections too.
+    let direct = u32::from(db::direct_url(&config).is_some());
+    let pool = db::connect(
+        config.require_database_url()?,
+        config.worker.max_connections.saturating_sub(direct).max(1),
+        config.pooler,
+    )
+    .await?;
+    if !db::migrations_current(&pool).await? {
+        bail!("the database schema is missing or outdated: run `crm-sync migrate` first");
+    }
     let opts = WorkerOptions::from_config(&config);
     let process_roles = [
         (workers, Role::Worker),
@@ -844,7 +862,12 @@ async fn serve_until(
     ];
     let presence = Presence::start(
         pool.clone(),
-        opts.liveness_url.as_deref(),
+        opts.direct_url.as_deref(),
+        &[
+            crate::queue::STEPS_CHANNEL,
+            crate::queue::CANCEL_CHANNEL,
+            crate::notify::CHANNEL,
+        ],
         ProcessInfo {
             id: opts.id.clone(),
             roles: process_roles
@@ -902,8 +925,9 @@ async fn serve_until(
         roles.spawn(async move { worker.run(token).await.map(|_| ()) });
     }
     if notifier {
-        let notifier =
-            crate::notify::Notifier::new(pool.clone(), &config)?.with_metrics(metrics.clone());
+        let notifier = crate::notify::Notifier::new(pool.clone(), &config)?
+            .with_metrics(metrics.clone())
+            .with_wakeups(presence.subscribe());
         roles.spawn(notifier.run(shutdown.clone()));
     }
     if retention && config.retention.enabled {

@@ -791,7 +791,7 @@ fn check_worker(w: &WorkerConfig, line: Option<usize>, issues: &mut Vec<ConfigIs
     if w.max_connections < 2 {
         bad(
             "max_connections",
-            "must be at least 2 (one for LISTEN, one for queries)",
+            "must be at least 2 (one direct connection for LISTEN and the liveness lock, one for queries)",
         );
     }
 }

@@ -9,6 +9,7 @@ use super::{DeleteMode, MergeSettings};
 use crate::gcp::bigquery::{BigQueryError, BigQueryLoader, ColumnSpec, ColumnType as BqType};
 use crate::gcp::{CredentialsConfig, ErrorClass};
 use crate::pipeline::{StepContext, StepError};
+use crate::queue::{self, Lease};
 use crate::schema::ColumnType;
 
 /// Where the table is and how to reach it.
@@ -75,25 +76,43 @@ pub async fn load(
     ctx: &StepContext,
 ) -> Result<Value, StepError> {
     let loader = target.connect().await?;
-    // One job id per claim: a retry of the same call attaches to the job it may already have created.
-    let job_id = format!(
-        "crm_sync_{}_{}_{}",
-        ctx.batch_id
-            .replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_"),
-        ctx.step_id,
-        ctx.fence
-    );
-    let outcome = loader
-        .load_truncate_with_job_id(
-            target.project,
-            target.dataset,
-            target.table,
-            gs_uri,
-            schema,
-            &job_id,
-        )
+    // One job id per claim, made of the batch, the step and the fencing token: a repeat of the same
+    // call attaches to the job it may already have created, and a later attempt (a worker that died
+    // after starting the job, a retried run) finds an earlier attempt's job and uses its outcome
+    // instead of loading again.
+    let current = Lease {
+        step_id: ctx.step_id,
+        fence: ctx.fence,
+    };
+    let earlier = queue::earlier_claims(&ctx.pool, &ctx.batch_id, &ctx.step_name, current)
         .await
-        .map_err(bq_error)?;
+        .map_err(StepError::from_db)?;
+    let mut found = None;
+    for claim in earlier {
+        if let Some(outcome) = loader
+            .earlier_load(target.project, &load_job_id(&ctx.batch_id, claim))
+            .await
+            .map_err(bq_error)?
+        {
+            tracing::info!(job_id = %outcome.job_id, "an earlier attempt's load job already loaded this batch; using it");
+            found = Some(outcome);
+            break;
+        }
+    }
+    let outcome = match found {
+        Some(outcome) => outcome,
+        None => loader
+            .load_truncate_with_job_id(
+                target.project,
+                target.dataset,
+                target.table,
+                gs_uri,
+                schema,
+                &load_job_id(&ctx.batch_id, current),
+            )
+            .await
+            .map_err(bq_error)?,
+    };
     if outcome.output_rows != expected_rows {
         return Err(StepError::terminal(format!(
             "BigQuery loaded {} rows but the batch has {expected_rows}",
@@ -108,6 +127,16 @@ pub async fn load(
         "batch_id": ctx.batch_id,
         "write": "replace",
     }))
+}
+
+/// The id of the load job of one claim of a load step: `crm_sync_<batch>_<step>_<fence>`.
+pub fn load_job_id(batch_id: &str, claim: Lease) -> String {
+    format!(
+        "crm_sync_{}_{}_{}",
+        batch_id.replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_"),
+        claim.step_id,
+        claim.fence
+    )
 }
 
 fn bq_error(e: BigQueryError) -> StepError {

@@ -627,6 +627,43 @@ impl BigQueryLoader {
         })
     }
 
+    /// The outcome of an earlier load job with this id, when it exists and succeeded (waiting for it
+    /// while it runs); `None` when there is no such job or it failed.
+    pub async fn earlier_load(
+        &self,
+        project: &str,
+        job_id: &str,
+    ) -> Result<Option<LoadOutcome>, BigQueryError> {
+        let job = match self
+            .client
+            .job()
+            .get_job(project, job_id, self.location.as_deref())
+            .await
+        {
+            Ok(job) => job,
+            Err(e) => {
+                let e = BigQueryError::from_bq("jobs.get", e);
+                return match e.status() {
+                    Some(404) => Ok(None),
+                    _ => Err(e),
+                };
+            }
+        };
+        match self.wait_for_job(project, job_id, job).await {
+            Ok(done) => Ok(Some(LoadOutcome {
+                job_id: job_id.to_string(),
+                output_rows: done
+                    .statistics
+                    .and_then(|s| s.load)
+                    .and_then(|l| l.output_rows)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0),
+            })),
+            Err(BigQueryError::JobFailed { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Polls `jobs.get` with doubling waits until the job is DONE, the deadline passes, or
     /// `jobs.get` itself fails too often in a row. Returns the DONE job if it succeeded.
     async fn wait_for_job(

@@ -23,8 +23,9 @@ use std::time::Duration;
 
 use crate::db::Db;
 use futures::future::join_all;
-use sqlx::postgres::PgListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
+
+use crate::registry::Heard;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -48,8 +49,9 @@ pub struct Notifier {
     names: Vec<String>,
     console_base: String,
     poll_interval: Duration,
-    /// A direct connection for LISTEN; `None` behind a transaction-mode pooler without one: polling.
-    listen_url: Option<String>,
+    /// What the process's direct connection hears (see [`Presence`](crate::registry::Presence));
+    /// `None`: polling only.
+    wakeups: Option<broadcast::Receiver<Heard>>,
     client: reqwest::Client,
     metrics: Arc<Metrics>,
 }
@@ -72,10 +74,16 @@ impl Notifier {
             names,
             console_base: config.server.console_base(),
             poll_interval: config.worker.poll_interval,
-            listen_url: crate::db::direct_url(config).map(str::to_string),
+            wakeups: None,
             client: deliver::client()?,
             metrics: Metrics::new(),
         })
+    }
+
+    /// Wakes on the NOTIFYs the process's direct connection hears, instead of polling alone.
+    pub fn with_wakeups(mut self, wakeups: Option<broadcast::Receiver<Heard>>) -> Self {
+        self.wakeups = wakeups;
+        self
     }
 
     /// Counts deliveries in `metrics` (the process's, served on `/metrics`).
@@ -87,7 +95,7 @@ impl Notifier {
     /// Runs until `shutdown` is cancelled; sends already started are finished first (each is bounded
     /// by its webhook's timeout). Database errors are logged and retried, never fatal: the outbox keeps
     /// the deliveries until they can be sent.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         for w in self.webhooks.values() {
             if let Err(e) = w.url.resolve() {
                 warn!(webhook = %w.name, error = %e, "webhook URL not available; its messages wait and are retried");
@@ -97,7 +105,7 @@ impl Notifier {
         let wake = Arc::new(Notify::new());
         let stop_listening = shutdown.child_token();
         let listener = tokio::spawn(listen(
-            self.listen_url.clone(),
+            self.wakeups.take(),
             wake.clone(),
             stop_listening.clone(),
         ));
@@ -226,41 +234,28 @@ impl Notifier {
     }
 }
 
-/// Turns NOTIFYs on [`CHANNEL`] into wake-ups; reconnects when the connection drops (polling covers
-/// the gap).
-async fn listen(url: Option<String>, wake: Arc<Notify>, stop: CancellationToken) {
-    let Some(url) = url else {
+/// Turns NOTIFYs on [`CHANNEL`] heard by the process's direct connection into wake-ups (polling
+/// covers the gaps and a process without one).
+async fn listen(
+    heard: Option<broadcast::Receiver<Heard>>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let Some(mut heard) = heard else {
         return;
     };
     loop {
-        let connected = async {
-            let mut listener = PgListener::connect(&url).await?;
-            listener.listen(CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
+        let next = tokio::select! {
+            n = heard.recv() => n,
+            _ = stop.cancelled() => return,
         };
-        let mut listener = match connected.await {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "notifier LISTEN failed; polling until it is back");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stop.cancelled() => return,
-                }
+        match next {
+            Ok(Heard::Notify { channel, .. }) if channel == CHANNEL => wake.notify_one(),
+            Ok(Heard::Notify { .. }) => {}
+            Ok(Heard::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                wake.notify_one()
             }
-        };
-        wake.notify_one();
-        loop {
-            let next = tokio::select! {
-                n = listener.try_recv() => n,
-                _ = stop.cancelled() => return,
-            };
-            match next {
-                Ok(_) => wake.notify_one(),
-                Err(e) => {
-                    warn!(error = %e, "notifier LISTEN connection lost");
-                    break;
-                }
-            }
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }

@@ -134,6 +134,34 @@ pub async fn lease_held(pool: &Db, lease: Lease) -> Result<bool, sqlx::Error> {
     Ok(held.is_some())
 }
 
+/// The claims (step id, fencing token) that earlier attempts at step `step` of batch `batch_id`
+/// held, in this run and the runs it retried, newest first: a load that must not run twice looks for
+/// what they started (BigQuery job ids are made of them).
+pub async fn earlier_claims(
+    pool: &Db,
+    batch_id: &str,
+    step: &str,
+    current: Lease,
+) -> Result<Vec<Lease>, sqlx::Error> {
+    let claims: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT a.step_id, a.fence FROM crm_sync.attempts a
+           JOIN crm_sync.steps s ON s.id = a.step_id
+           JOIN crm_sync.runs r ON r.id = s.run_id
+          WHERE r.batch_id = $1 AND s.name = $2 AND NOT (a.step_id = $3 AND a.fence = $4)
+          ORDER BY a.fence DESC",
+    )
+    .bind(batch_id)
+    .bind(step)
+    .bind(current.step_id)
+    .bind(current.fence)
+    .fetch_all(pool)
+    .await?;
+    Ok(claims
+        .into_iter()
+        .map(|(step_id, fence)| Lease { step_id, fence })
+        .collect())
+}
+
 /// Records a failed attempt; see [`FailOutcome`].
 pub async fn fail(
     pool: &Db,

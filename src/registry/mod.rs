@@ -12,7 +12,7 @@
 
 pub mod processes;
 
-pub use processes::{Presence, ProcessInfo, Role};
+pub use processes::{Heard, Presence, ProcessInfo, Role};
 
 use std::time::Duration;
 
@@ -81,14 +81,36 @@ pub async fn register_config(
     live: bool,
 ) -> Result<Vec<(String, Outcome)>, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let outcomes = register_in(&mut tx, config, by, live).await?;
+    tx.commit().await?;
+    log_outcomes(pool, config, &outcomes).await?;
+    Ok(outcomes)
+}
+
+/// [`register_config`] inside the caller's transaction (a process registers its row and its
+/// pipelines at once); log the outcomes with [`log_outcomes`] after the commit.
+pub async fn register_in(
+    tx: &mut PgConnection,
+    config: &Config,
+    by: &str,
+    live: bool,
+) -> Result<Vec<(String, Outcome)>, sqlx::Error> {
     let mut outcomes = Vec::with_capacity(config.pipelines.len());
     for p in &config.pipelines {
-        let outcome = register(&mut tx, by, live, &Registration::from(p)).await?;
+        let outcome = register(tx, by, live, &Registration::from(p)).await?;
         outcomes.push((p.name.clone(), outcome));
     }
-    register_webhooks(&mut tx, &config.notifications).await?;
-    tx.commit().await?;
-    for (name, outcome) in &outcomes {
+    register_webhooks(tx, &config.notifications).await?;
+    Ok(outcomes)
+}
+
+/// Logs new registrations, and every conflict with the definition that stays registered.
+pub async fn log_outcomes(
+    pool: &Db,
+    config: &Config,
+    outcomes: &[(String, Outcome)],
+) -> Result<(), sqlx::Error> {
+    for (name, outcome) in outcomes {
         let Some(p) = config.pipeline(name) else {
             continue;
         };
@@ -101,7 +123,6 @@ pub async fn register_config(
                 let (registered, holder): (Option<String>, Option<String>) = sqlx::query_as(
                     "SELECT fingerprint, registered_by FROM crm_sync.pipelines WHERE name = $1",
                 )
-                .persistent(false)
                 .bind(name)
                 .fetch_one(pool)
                 .await?;
@@ -116,7 +137,7 @@ pub async fn register_config(
             }
         }
     }
-    Ok(outcomes)
+    Ok(())
 }
 
 /// Registers one pipeline definition (see [`Outcome`]).

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::db::Db;
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
+use sqlx::postgres::PgListener;
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -73,85 +75,132 @@ fn hostname() -> String {
         .unwrap_or_else(|| "host".to_string())
 }
 
-/// A live process's row, heartbeat and liveness lock; [`Presence::stop`] marks it stopped.
+/// What the process's direct connection hears: a NOTIFY, or that the connection was lost and taken
+/// again (notifications may have been missed in between: look again).
+#[derive(Debug, Clone)]
+pub enum Heard {
+    Notify { channel: String, payload: String },
+    Reconnected,
+}
+
+/// A live process's row, heartbeat and liveness lock; [`Presence::stop`] marks it stopped. Its
+/// direct connection also LISTENs for the whole process: parts subscribe with
+/// [`Presence::subscribe`], so a process holds one direct connection besides its pool.
 pub struct Presence {
     id: String,
     pool: Db,
     stop: CancellationToken,
-    task: Mutex<Option<JoinHandle<()>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    heard: Option<broadcast::Sender<Heard>>,
 }
 
-/// The session advisory lock that says "alive" while its connection lives.
-struct LivenessLock {
-    url: String,
+/// Takes the liveness lock on the direct connection (reconnecting it first if it was lost).
+async fn take_lock(listener: &mut PgListener, key: i32) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_lock(crm_sync.liveness_lock_class(), $1)")
+        .persistent(false)
+        .bind(key)
+        .execute(listener)
+        .await?;
+    Ok(())
+}
+
+/// Forwards what the direct connection hears; when the connection drops, takes it and the lock
+/// again (meanwhile other processes may take this one for dead and re-queue its steps: their
+/// fencing makes this process's late results harmless).
+async fn hear(
+    mut listener: PgListener,
     key: i32,
-    conn: PgConnection,
-}
-
-impl LivenessLock {
-    async fn take(url: &str, key: i32) -> Result<Self, sqlx::Error> {
-        let mut conn = PgConnection::connect(url).await?;
-        sqlx::query("SELECT pg_advisory_lock(crm_sync.liveness_lock_class(), $1)")
-            .bind(key)
-            .execute(&mut conn)
-            .await?;
-        Ok(Self {
-            url: url.to_string(),
-            key,
-            conn,
-        })
-    }
-
-    /// Whether the session (and so the lock) is still there; takes it again when it is not.
-    /// Returns false when the lock had been lost.
-    async fn keep(&mut self) -> bool {
-        if self.conn.ping().await.is_ok() {
-            return true;
+    heard: broadcast::Sender<Heard>,
+    stop: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            n = listener.try_recv() => n,
+            _ = stop.cancelled() => return,
+        };
+        match next {
+            Ok(Some(n)) => {
+                let _ = heard.send(Heard::Notify {
+                    channel: n.channel().to_string(),
+                    payload: n.payload().to_string(),
+                });
+            }
+            Ok(None) => {
+                warn!("direct connection lost; taking it and the liveness lock again");
+                while let Err(e) = take_lock(&mut listener, key).await {
+                    warn!(error = %e, "cannot take the liveness lock again; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(RESCUE_EVERY) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+                let _ = heard.send(Heard::Reconnected);
+            }
+            Err(e) => {
+                warn!(error = %e, "LISTEN on the direct connection failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(RESCUE_EVERY) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
         }
-        warn!(
-            "liveness connection lost; reconnecting (other processes may have re-queued our steps)"
-        );
-        match Self::take(&self.url, self.key).await {
-            Ok(fresh) => *self = fresh,
-            Err(e) => warn!(error = %e, "cannot take the liveness lock again; retrying"),
-        }
-        false
     }
 }
 
 impl Presence {
     /// Registers the process and the pipelines of its config (as the definitions of a live process),
-    /// takes its liveness lock when `liveness_url` is given (a direct connection, never a
-    /// transaction-mode pooler), and keeps the row alive until [`Presence::stop`].
+    /// and keeps the row alive until [`Presence::stop`]. With `direct_url` (a direct connection,
+    /// never a transaction-mode pooler) it also takes the process's liveness lock there and LISTENs
+    /// on `channels`.
     pub async fn start(
         pool: Db,
-        liveness_url: Option<&str>,
+        direct_url: Option<&str>,
+        channels: &[&str],
         info: ProcessInfo,
         config: Arc<Config>,
     ) -> anyhow::Result<Arc<Presence>> {
-        let lock = match liveness_url {
+        let direct = match direct_url {
             Some(url) => {
                 let key: i32 =
                     sqlx::query_scalar("SELECT nextval('crm_sync.process_lock_keys')::int")
                         .fetch_one(&pool)
                         .await?;
-                Some(LivenessLock::take(url, key).await.map_err(|e| {
-                    anyhow::anyhow!("cannot open the direct (liveness) connection: {e}")
-                })?)
+                let mut listener = PgListener::connect(url).await.map_err(|e| {
+                    anyhow::anyhow!("cannot open the direct connection (listen_url): {e}")
+                })?;
+                take_lock(&mut listener, key).await?;
+                listener.listen_all(channels.iter().copied()).await?;
+                Some((listener, key))
             }
             None => None,
         };
-        insert_row(&pool, &info, &config, lock.as_ref().map(|l| l.key)).await?;
-        crate::registry::register_config(&pool, &config, &info.id, true).await?;
-        let presence = Arc::new(Presence {
-            id: info.id.clone(),
-            pool: pool.clone(),
-            stop: CancellationToken::new(),
-            task: Mutex::new(None),
+        let key = direct.as_ref().map(|(_, key)| *key);
+        register_process(&pool, &info, &config, key).await?;
+        let stop = CancellationToken::new();
+        let mut tasks = vec![tokio::spawn(keep_alive(
+            pool.clone(),
+            info.clone(),
+            config,
+            key,
+            stop.clone(),
+        ))];
+        let heard = direct.map(|(listener, key)| {
+            let (tx, _) = broadcast::channel(1024);
+            tasks.push(tokio::spawn(hear(listener, key, tx.clone(), stop.clone())));
+            tx
         });
-        let task = tokio::spawn(keep_alive(pool, info, config, lock, presence.stop.clone()));
-        *presence.task.lock().expect("presence task lock") = Some(task);
-        Ok(presence)
+        Ok(Arc::new(Presence {
+            id: info.id,
+            pool,
+            stop,
+            tasks: Mutex::new(tasks),
+            heard,
+        }))
+    }
+
+    /// What the direct connection hears from now on; `None` without one (poll instead).
+    pub fn subscribe(&self) -> Option<broadcast::Receiver<Heard>> {
+        self.heard.as_ref().map(|tx| tx.subscribe())
     }
 
     pub fn id(&self) -> &str {
@@ -162,14 +211,15 @@ impl Presence {
     /// connection.
     pub async fn stop(&self) {
         self.stop.cancel();
-        let task = self.task.lock().expect("presence task lock").take();
-        if let Some(task) = task {
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("presence tasks lock"));
+        for task in tasks {
             let _ = task.await;
         }
         let stopped = sqlx::query(
             "WITH gone AS (DELETE FROM crm_sync.pipeline_registrations WHERE process_id = $1)
              UPDATE crm_sync.workers SET stopped_at = now(), stop_reason = 'stopped' WHERE id = $1",
         )
+        .persistent(false)
         .bind(&self.id)
         .execute(&self.pool)
         .await;
@@ -179,8 +229,23 @@ impl Presence {
     }
 }
 
-async fn insert_row(
+/// The process's row and its pipelines' definitions, in one transaction: whoever sees the process
+/// alive can enqueue its pipelines.
+async fn register_process(
     pool: &Db,
+    info: &ProcessInfo,
+    config: &Config,
+    lock_key: Option<i32>,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    insert_row(&mut tx, info, config, lock_key).await?;
+    let outcomes = crate::registry::register_in(&mut tx, config, &info.id, true).await?;
+    tx.commit().await?;
+    crate::registry::log_outcomes(pool, config, &outcomes).await
+}
+
+async fn insert_row(
+    tx: &mut PgConnection,
     info: &ProcessInfo,
     config: &Config,
     lock_key: Option<i32>,
@@ -198,7 +263,7 @@ async fn insert_row(
          ON CONFLICT (id) DO UPDATE
             SET heartbeat_at = now(), stopped_at = NULL, stop_reason = NULL, lease_ms = EXCLUDED.lease_ms,
                 roles = EXCLUDED.roles, pipelines = EXCLUDED.pipelines, lock_key = EXCLUDED.lock_key",
-    )
+    ).persistent(false)
     .bind(&info.id)
     .bind(hostname())
     .bind(std::process::id() as i32)
@@ -209,18 +274,18 @@ async fn insert_row(
     .bind(env!("CARGO_PKG_VERSION"))
     .bind(config.path.as_ref().map(|p| p.display().to_string()))
     .bind(lock_key)
-    .execute(pool)
+    .execute(tx)
     .await?;
     Ok(())
 }
 
-/// Every second: keeps the liveness lock and rescues the steps of dead processes. Every third of the
-/// lease: the heartbeat, and the registered definitions of pipelines whose holder stopped.
+/// Every second: rescues the steps of dead processes. Every third of the lease: the heartbeat, and
+/// the registered definitions of pipelines whose holder stopped.
 async fn keep_alive(
     pool: Db,
     info: ProcessInfo,
     config: Arc<Config>,
-    mut lock: Option<LivenessLock>,
+    lock_key: Option<i32>,
     stop: CancellationToken,
 ) {
     let heartbeat_every = (info.lease / 3).max(Duration::from_millis(100));
@@ -230,10 +295,6 @@ async fn keep_alive(
             _ = tokio::time::sleep(RESCUE_EVERY.min(heartbeat_every)) => {}
             _ = stop.cancelled() => return,
         }
-        let mut lost = false;
-        if let Some(lock) = lock.as_mut() {
-            lost = !lock.keep().await;
-        }
         match sqlx::query_scalar::<_, i32>("SELECT crm_sync.reap_dead_workers()")
             .fetch_one(&pool)
             .await
@@ -242,9 +303,9 @@ async fn keep_alive(
             Ok(n) => info!(steps = n, "re-queued the steps of processes that died"),
             Err(e) => warn!(error = %e, "looking for dead processes failed"),
         }
-        if lost || last_heartbeat.elapsed() >= heartbeat_every {
+        if last_heartbeat.elapsed() >= heartbeat_every {
             last_heartbeat = Instant::now();
-            if let Err(e) = heartbeat(&pool, &info, &config, lock.as_ref().map(|l| l.key)).await {
+            if let Err(e) = heartbeat(&pool, &info, &config, lock_key).await {
                 warn!(error = %e, "process heartbeat failed");
             }
         }
@@ -262,16 +323,16 @@ async fn heartbeat(
 ) -> anyhow::Result<()> {
     let alive: Option<bool> = sqlx::query_scalar(
         "UPDATE crm_sync.workers SET heartbeat_at = now() WHERE id = $1 RETURNING stopped_at IS NULL",
-    )
+    ).persistent(false)
     .bind(&info.id)
     .fetch_optional(pool)
     .await?;
     if alive != Some(true) {
         warn!("this process had been taken for dead; registering it again");
-        insert_row(pool, info, config, lock_key).await?;
-        crate::registry::register_config(pool, config, &info.id, true).await?;
+        register_process(pool, info, config, lock_key).await?;
     }
     let changed: Vec<String> = sqlx::query_scalar("SELECT crm_sync.reconcile_registrations()")
+        .persistent(false)
         .fetch_all(pool)
         .await?;
     for pipeline in changed {

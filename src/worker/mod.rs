@@ -26,8 +26,7 @@ use std::time::{Duration, Instant};
 use crate::db::Db;
 use futures::FutureExt;
 use serde_json::Value;
-use sqlx::postgres::PgListener;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -37,7 +36,7 @@ use crate::config::Config;
 use crate::metrics::{BusySlot, Metrics};
 use crate::pipeline::{Executor, StepContext, StepDone, StepError};
 use crate::queue::{self, CANCEL_CHANNEL, ClaimedStep, FailOutcome, Lease, STEPS_CHANNEL};
-use crate::registry::{Presence, ProcessInfo, Role};
+use crate::registry::{Heard, Presence, ProcessInfo, Role};
 
 /// How one worker process behaves; built from `[worker]` and the connection settings of the config.
 #[derive(Debug, Clone)]
@@ -49,11 +48,10 @@ pub struct WorkerOptions {
     pub poll_interval: Duration,
     pub shutdown_grace: Duration,
     pub claim_batch: usize,
-    /// Where to LISTEN for wake-ups (a direct connection); `None`: polling only.
-    pub listen_url: Option<String>,
-    /// Where to hold the liveness lock (a direct connection); `None`: the lease alone tells a dead
+    /// A direct connection (never a transaction-mode pooler) for LISTEN wake-ups and the liveness
+    /// lock of a worker that runs on its own; `None`: polling, and the lease alone tells a dead
     /// worker.
-    pub liveness_url: Option<String>,
+    pub direct_url: Option<String>,
 }
 
 impl WorkerOptions {
@@ -67,8 +65,7 @@ impl WorkerOptions {
             poll_interval: w.poll_interval,
             shutdown_grace: w.shutdown_grace,
             claim_batch: w.claim_batch,
-            listen_url: direct.clone(),
-            liveness_url: direct,
+            direct_url: direct,
         }
     }
 }
@@ -159,7 +156,8 @@ impl Worker {
             None => Some(
                 Presence::start(
                     self.pool.clone(),
-                    self.opts.liveness_url.as_deref(),
+                    self.opts.direct_url.as_deref(),
+                    &[STEPS_CHANNEL, CANCEL_CHANNEL],
                     ProcessInfo {
                         id: self.opts.id.clone(),
                         roles: vec![Role::Worker],
@@ -171,6 +169,11 @@ impl Worker {
                 .await?,
             ),
         };
+        let heard = self
+            .presence
+            .as_ref()
+            .or(own_presence.as_ref())
+            .and_then(|p| p.subscribe());
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(self.opts.concurrency)),
             pool: self.pool,
@@ -189,7 +192,7 @@ impl Worker {
         info!(worker = %shared.opts.id, concurrency = shared.opts.concurrency, "worker started");
 
         let background = CancellationToken::new();
-        let listener = tokio::spawn(listen(shared.clone(), background.clone()));
+        let listener = tokio::spawn(listen(shared.clone(), heard, background.clone()));
         let heartbeat = tokio::spawn(heartbeat(shared.clone(), background.clone()));
         let (done_tx, done_rx) = mpsc::channel::<Finished>(shared.opts.concurrency.max(16) * 2);
         let flusher = tokio::spawn(flush(shared.clone(), done_rx));
@@ -612,52 +615,39 @@ fn abandon(shared: &Shared, which: impl Fn(i64, &InFlight) -> bool, why: &str) {
 }
 
 /// Turns NOTIFYs into wake-ups and cancellations into aborted steps. Polling covers any gap.
-async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
-    let Some(url) = shared.opts.listen_url.clone() else {
+async fn listen(
+    shared: Arc<Shared>,
+    heard: Option<broadcast::Receiver<Heard>>,
+    stop: CancellationToken,
+) {
+    let Some(mut heard) = heard else {
         info!(
             poll_interval_ms = shared.opts.poll_interval.as_millis() as u64,
             "no direct connection for LISTEN (pooler = \"transaction\" without listen_url): polling"
         );
         return;
     };
+    shared.wake.notify_one();
     loop {
-        let mut listener = match PgListener::connect(&url).await {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "LISTEN connection failed; polling until it is back");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stop.cancelled() => return,
-                }
-            }
+        let next = tokio::select! {
+            n = heard.recv() => n,
+            _ = stop.cancelled() => return,
         };
-        if let Err(e) = listener.listen_all([STEPS_CHANNEL, CANCEL_CHANNEL]).await {
-            warn!(error = %e, "LISTEN failed; polling until it is back");
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                _ = stop.cancelled() => return,
-            }
-        }
-        shared.wake.notify_one();
-        loop {
-            let next = tokio::select! {
-                n = listener.try_recv() => n,
-                _ = stop.cancelled() => return,
-            };
-            match next {
-                Ok(Some(n)) if n.channel() == CANCEL_CHANNEL => {
-                    if let Ok(run_id) = n.payload().parse::<Uuid>() {
-                        abandon(&shared, |_, i| i.run_id == run_id, "run cancelled");
-                    }
-                }
-                Ok(Some(_)) => shared.wake.notify_one(),
-                // The connection dropped and will reconnect: notifications may have been missed.
-                Ok(None) => shared.wake.notify_one(),
-                Err(e) => {
-                    warn!(error = %e, "LISTEN connection lost");
-                    break;
+        match next {
+            Ok(Heard::Notify { channel, payload }) if channel == CANCEL_CHANNEL => {
+                if let Ok(run_id) = payload.parse::<Uuid>() {
+                    abandon(&shared, |_, i| i.run_id == run_id, "run cancelled");
                 }
             }
+            Ok(Heard::Notify { channel, .. }) if channel == STEPS_CHANNEL => {
+                shared.wake.notify_one()
+            }
+            Ok(Heard::Notify { .. }) => {}
+            // Reconnected, or notifications dropped for a slow reader: look again.
+            Ok(Heard::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                shared.wake.notify_one()
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }

@@ -147,7 +147,7 @@ function renderSignIn(main, message) {
   },
   h("label", { for: "token" }, "API token", input),
   h("button", { type: "submit", id: "signin" }, "Sign in"),
-  h("p", { class: "muted small" }, "A read token shows everything; an admin token can also start, retry, rerun and cancel runs."));
+  h("p", { class: "muted small" }, "A read token shows everything; an admin token can also start, retry, rerun and cancel runs, and disable or enable pipelines."));
   main.replaceChildren(h("div", { class: "card signin" }, h("h1", {}, "Sign in to crm-sync"), error, form));
 }
 
@@ -165,7 +165,7 @@ async function renderPipelines(main, signal) {
 
   const load = async () => {
     const { pipelines } = await api("/api/pipelines");
-    body.replaceChildren(...pipelines.map((p) => pipelineRow(p, notice)));
+    body.replaceChildren(...pipelines.map((p) => pipelineRow(p, notice, () => load().catch(() => {}))));
   };
   await load();
   let pending = null;
@@ -177,7 +177,7 @@ async function renderPipelines(main, signal) {
   signal.addEventListener("abort", () => clearInterval(timer));
 }
 
-function pipelineRow(p, notice) {
+function pipelineRow(p, notice, reload) {
   const schedule = p.schedule
     ? [h("code", {}, p.schedule), h("div", { class: "muted small" }, p.timezone)]
     : [h("span", { class: "muted" }, "manual")];
@@ -193,28 +193,43 @@ function pipelineRow(p, notice) {
       ? h("div", {}, p.stale ? badge("stale") : h("span", { class: "badge ok" }, "fresh"), h("span", { class: "muted small" }, ` SLA ${fmtDuration(p.freshness_sla_s)}`))
       : h("div", { class: "muted small" }, "no SLA"),
   ];
-  const action = session.scope === "admin" && p.enabled
-    ? h("button", {
-        class: "run-now", "data-pipeline": p.name,
-        onclick: async (ev) => {
-          ev.target.disabled = true;
-          try {
-            const { id } = await post(`/api/pipelines/${encodeURIComponent(p.name)}/runs`);
-            navigate(`/runs/${id}`);
-          } catch (e) {
-            notice.replaceChildren(h("div", { class: "notice" }, e.message));
-            ev.target.disabled = false;
-          }
-        },
-      }, "Run now")
-    : "";
+  const admin = session.scope === "admin";
+  const act = (label, cls, path, after) => h("button", {
+    class: cls, "data-pipeline": p.name,
+    onclick: async (ev) => {
+      ev.target.disabled = true;
+      try {
+        after(await post(`/api/pipelines/${encodeURIComponent(p.name)}/${path}`));
+      } catch (e) {
+        notice.replaceChildren(h("div", { class: "notice" }, e.message));
+        ev.target.disabled = false;
+      }
+    },
+  }, label);
+  const actions = admin
+    ? (p.enabled
+        ? [act("Run now", "run-now", "runs", ({ id }) => navigate(`/runs/${id}`)),
+           act("Disable", "disable secondary", "disable", reload)]
+        : [act("Enable", "enable secondary", "enable", reload)])
+    : [];
+  // Who serves it, and whether the live processes agree on what it is.
+  const state = [];
+  if (!p.enabled) state.push(h("span", { class: "badge disabled", title: "no scheduled ticks, no new runs" }, `disabled by ${p.disabled_by || "config"}`));
+  if (!p.served) state.push(h("span", { class: "badge unserved", title: "no live worker's config has this pipeline; its steps wait" },
+    p.unserved_steps > 0 ? `no worker: ${p.unserved_steps} steps wait` : "no live worker"));
+  if (p.conflict) state.push(h("span", {
+    class: "badge conflict",
+    title: p.processes.map((d) => `${d.fingerprint} ${d.process_id}`).join("\n"),
+  }, `${p.definitions} definitions`));
   return h("tr", { "data-pipeline": p.name },
-    cell("Pipeline", h("strong", {}, p.name), h("div", { class: "muted small" }, p.steps.join(" → "))),
+    cell("Pipeline", h("strong", {}, p.name), h("div", { class: "muted small" }, p.steps.join(" → ")),
+      h("div", { class: "states" }, ...state),
+      h("div", { class: "muted small", title: "fingerprint of the registered definition" }, p.fingerprint ? `definition ${p.fingerprint}` : "")),
     cell("Schedule", ...schedule),
     cell("Next run", ...next),
     cell("Last run", ...last),
     cell("Freshness", ...freshness),
-    cell("", action));
+    cell("", ...actions));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,7 +332,8 @@ async function renderRun(main, signal, id) {
       h("dt", {}, "Finished"), h("dd", {}, fmtTime(run.finished_at)),
       h("dt", {}, "Duration"), h("dd", {}, fmtDuration(between(run.started_at, run.finished_at))),
       Object.keys(run.params || {}).length ? [h("dt", {}, "Params"), h("dd", {}, h("code", {}, JSON.stringify(run.params)))] : [],
-      run.error ? [h("dt", {}, "Error"), h("dd", { class: "error", id: "run-error" }, run.error)] : []));
+      run.error ? [h("dt", {}, "Error"), h("dd", { class: "error", id: "run-error" }, run.error)] : [],
+      definitionsFact(run)));
     actions.replaceChildren();
     if (session.scope !== "admin") return;
     const act = (label, cls, path) => h("button", {
@@ -358,6 +374,17 @@ async function renderRun(main, signal, id) {
   }, live);
 }
 
+// The pipeline definitions (config fingerprints) the run's steps ran under; more than one: its config
+// changed while it ran.
+function definitionsFact(run) {
+  const defs = run.definitions || [];
+  if (defs.length === 0) return [];
+  if (defs.length === 1) return [h("dt", {}, "Definition"), h("dd", {}, h("code", {}, defs[0]))];
+  const which = defs.map((f) => `${(run.steps || []).filter((s) => s.fingerprint === f).map((s) => s.name).join(", ")} under ${f}`);
+  return [h("dt", {}, "Definition"), h("dd", { class: "changed", id: "run-definitions" },
+    h("span", { class: "badge conflict" }, "config changed during the run"), " ", which.join("; "))];
+}
+
 function objectLink(uri) {
   if (typeof uri !== "string") return null;
   if (uri.startsWith("gs://")) {
@@ -383,7 +410,7 @@ function stepRow(s) {
   }
   if (out.reused_from_run || s.reused_from_run) outputs.push(h("div", { class: "muted small" }, "reused from ", link(`/runs/${s.reused_from_run}`, shortId(s.reused_from_run))));
   const attempts = (s.attempt_log || []).map((a) =>
-    h("li", {}, `#${a.attempt} ${a.outcome} on ${a.worker_id}, ${fmtDuration(between(a.started_at, a.finished_at))}`,
+    h("li", {}, `#${a.attempt} ${a.outcome} on ${a.worker_id}, ${fmtDuration(between(a.started_at, a.finished_at))}${a.fingerprint ? `, definition ${a.fingerprint}` : ""}`,
       a.error ? h("div", { class: "error" }, a.error) : null));
   return h("tr", { "data-step": s.name },
     cell("Step", h("strong", {}, s.name)),
