@@ -769,3 +769,54 @@ async fn console_support_scope_pipelines_and_the_all_runs_stream() {
     assert_eq!(noop["last_status"], "succeeded");
     assert_eq!(noop["stale"], false);
 }
+
+/// `/readyz` says which of its two 503s it is: the database cannot be reached, or it is reached and
+/// its schema is not migrated.
+#[tokio::test]
+async fn readyz_tells_an_unreachable_database_from_an_outdated_schema() {
+    let readyz = |pool: crm_sync::db::Db| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let state = crm_sync::api::AppState::new(
+            pool,
+            Arc::new(crm_sync::config::Config::parse("", std::path::Path::new("t.toml")).unwrap()),
+            crm_sync::api::Tokens::default(),
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(crm_sync::api::serve(listener, state, stop.clone()));
+        let resp = reqwest::get(format!("{base}/readyz")).await.unwrap();
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap();
+        stop.cancel();
+        (status, body)
+    };
+
+    // Reached, never migrated.
+    let empty = TestDb::empty().await;
+    let (status, body) = readyz(empty.pool.clone()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("schema is not current"),
+        "{body}"
+    );
+
+    // Nothing listens where the pool points.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let unreachable = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+        .unwrap();
+    let (status, body) = readyz(unreachable.into()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["reason"], "database unreachable", "{body}");
+
+    // And migrated: ready.
+    let db = TestDb::new().await;
+    let (status, body) = readyz(db.pool.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

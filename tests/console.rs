@@ -518,3 +518,89 @@ async fn a_pipeline_run_shows_rows_and_backups_the_runs_page_pages_and_cancel_st
     .await;
     screenshot(&page, "13-run-cancelled").await;
 }
+
+/// The pipelines page says who serves each pipeline and whether live processes agree on it, and an
+/// admin disables and enables a pipeline for every process.
+#[tokio::test]
+async fn pipelines_show_who_serves_them_and_an_admin_disables_one() {
+    let db = TestDb::new().await;
+    let config = db.config(CONFIG).await;
+    // A second config: another definition of `noop`, and a pipeline only it has.
+    let other_text = format!(
+        "{}\n[[pipelines]]\nname = \"orphan\"\nsource = {{ kind = \"noop\" }}\n",
+        CONFIG.replace("sleep_ms = 1500", "sleep_ms = 1400")
+    );
+    let other = db.config(&other_text).await;
+    let first = RunningWorker::start(&db, &config).await;
+    let mut second_config = other.clone();
+    second_config.pipelines.retain(|p| p.name != "orphan");
+    let second = RunningWorker::start(&db, &second_config).await;
+    crm_sync::queue::enqueue(
+        &db.pool,
+        "orphan",
+        &serde_json::json!({}),
+        None,
+        crm_sync::queue::Trigger::Cli,
+    )
+    .await
+    .unwrap();
+    common::wait_until(
+        &db.pool,
+        "SELECT definitions = 2 FROM crm_sync.pipeline_health WHERE pipeline = 'noop'",
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let console = ApiServer::start(&db, &config, ADMIN, READER).await;
+    let chromium = Chromium::launch().await;
+    let page = chromium.open(&console.base).await;
+    sign_in(&page, ADMIN).await;
+    let row = |name: &'static str| {
+        let page = &page;
+        async move {
+            js::<String>(
+                page,
+                &format!("document.querySelector('tr[data-pipeline=\"{name}\"]').innerText"),
+            )
+            .await
+        }
+    };
+    wait_for(
+        &page,
+        "document.querySelector('tr[data-pipeline=\"orphan\"]')",
+        Duration::from_secs(30),
+        "the orphan pipeline",
+    )
+    .await;
+    let orphan = row("orphan").await;
+    assert!(orphan.contains("no worker: 1 step waits"), "{orphan}");
+    let noop = row("noop").await;
+    assert!(noop.contains("2 definitions"), "{noop}");
+    assert!(!noop.contains("no worker"), "{noop}");
+    screenshot(&page, "07-pipelines-served-and-conflicts").await;
+
+    click(&page, "button.disable[data-pipeline=\"broken\"]").await;
+    wait_for(
+        &page,
+        "document.querySelector('tr[data-pipeline=\"broken\"]').innerText.includes('disabled by operator')",
+        Duration::from_secs(30),
+        "the disabled badge",
+    )
+    .await;
+    let enabled: bool =
+        sqlx::query_scalar("SELECT enabled FROM crm_sync.pipelines WHERE name = 'broken'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(!enabled);
+    click(&page, "button.enable[data-pipeline=\"broken\"]").await;
+    wait_for(
+        &page,
+        "document.querySelector('button.run-now[data-pipeline=\"broken\"]')",
+        Duration::from_secs(30),
+        "Run now again",
+    )
+    .await;
+    first.stop().await;
+    second.stop().await;
+}

@@ -216,7 +216,7 @@ function pipelineRow(p, notice, reload) {
   const state = [];
   if (!p.enabled) state.push(h("span", { class: "badge disabled", title: "no scheduled ticks, no new runs" }, `disabled by ${p.disabled_by || "config"}`));
   if (!p.served) state.push(h("span", { class: "badge unserved", title: "no live worker's config has this pipeline; its steps wait" },
-    p.unserved_steps > 0 ? `no worker: ${p.unserved_steps} steps wait` : "no live worker"));
+    p.unserved_steps > 0 ? `no worker: ${p.unserved_steps} ${p.unserved_steps === 1 ? "step waits" : "steps wait"}` : "no live worker"));
   if (p.conflict) state.push(h("span", {
     class: "badge conflict",
     title: p.processes.map((d) => `${d.fingerprint} ${d.process_id}`).join("\n"),
