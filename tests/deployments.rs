@@ -475,7 +475,8 @@ async fn chaos_kill_nine_every_two_seconds_finishes_every_run_once() {
         dir.path(),
         "c.toml",
         &db,
-        "[[pipelines]]\nname = \"two\"\nmax_concurrent_runs = 0\nsource = { kind = \"noop\", steps = 2, sleep_ms = 300 }\n",
+        // Default settings (30 s lease, one run of the pipeline at a time), as in the report.
+        "[[pipelines]]\nname = \"two\"\nsource = { kind = \"noop\", steps = 2, sleep_ms = 50 }\n",
     );
     let mut workers: Vec<Child> = (0..3)
         .map(|i| spawn(&config, &["worker"], dir.path(), &format!("w{i}.log")))
