@@ -145,9 +145,8 @@ async fn accounts_land_in_bigquery_with_the_raw_answer_backed_up_in_gcs() {
     );
 }
 
-#[tokio::test]
-async fn bigquery_down_during_the_load_is_retried_without_a_second_extract() {
-    let mut s = setup().await;
+/// Stops BigQuery, starts a worker and a run, and waits until the load has failed `attempts` times.
+async fn run_into_a_stopped_bigquery(s: &mut Setup, attempts: u32) -> (RunningWorker, Uuid) {
     s.bq.stop();
     let worker = RunningWorker::start(&s.db, &s.config).await;
     let run = queue::enqueue(
@@ -161,11 +160,20 @@ async fn bigquery_down_during_the_load_is_retried_without_a_second_extract() {
     .unwrap();
     common::wait_until(
         &s.db.pool,
-        "SELECT count(*) >= 2 FROM crm_sync.attempts a JOIN crm_sync.steps s ON s.id = a.step_id
-          WHERE s.name = 'load' AND a.outcome = 'retry'",
+        &format!(
+            "SELECT count(*) >= {attempts} FROM crm_sync.attempts a JOIN crm_sync.steps s ON s.id = a.step_id
+              WHERE s.name = 'load' AND a.outcome = 'retry'"
+        ),
         Duration::from_secs(60),
     )
     .await;
+    (worker, run)
+}
+
+#[tokio::test]
+async fn bigquery_down_during_the_load_is_retried_without_a_second_extract() {
+    let mut s = setup().await;
+    let (worker, run) = run_into_a_stopped_bigquery(&mut s, 2).await;
     s.bq.restart().await;
     let status = wait_for_run(&s.db.pool, run, Duration::from_secs(90)).await;
     worker.stop().await;
@@ -213,24 +221,7 @@ fn the_gcp_example_keeps_the_same_transform_and_validation_as_the_postgres_one()
 #[tokio::test]
 async fn a_load_job_an_earlier_attempt_started_is_used_not_run_again() {
     let mut s = setup().await;
-    s.bq.stop();
-    let worker = RunningWorker::start(&s.db, &s.config).await;
-    let run = queue::enqueue(
-        &s.db.pool,
-        "ezfocus_accounts",
-        &json!({}),
-        None,
-        Trigger::Cli,
-    )
-    .await
-    .unwrap();
-    common::wait_until(
-        &s.db.pool,
-        "SELECT count(*) >= 1 FROM crm_sync.attempts a JOIN crm_sync.steps s ON s.id = a.step_id
-          WHERE s.name = 'load' AND a.outcome = 'retry'",
-        Duration::from_secs(60),
-    )
-    .await;
+    let (worker, run) = run_into_a_stopped_bigquery(&mut s, 1).await;
     worker.stop().await;
     let (step_id, fence): (i64, i64) = sqlx::query_as(
         "SELECT a.step_id, a.fence FROM crm_sync.attempts a JOIN crm_sync.steps s ON s.id = a.step_id
