@@ -8,6 +8,7 @@
 //! for a process that is alive but hung. Through a pooler in transaction mode session locks do not
 //! work; there the lock is taken on `listen_url`'s direct connection, or not at all.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,6 +93,10 @@ pub struct Presence {
     stop: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     heard: Option<broadcast::Sender<Heard>>,
+    /// False while the liveness lock is lost (the direct connection dropped, e.g. PostgreSQL
+    /// restarted): others take the process for dead then, so it claims nothing, registers nothing
+    /// and judges nobody until it holds the lock again.
+    holding: Arc<AtomicBool>,
 }
 
 /// Takes the liveness lock on the direct connection (reconnecting it first if it was lost).
@@ -111,6 +116,7 @@ async fn hear(
     mut listener: PgListener,
     key: i32,
     heard: broadcast::Sender<Heard>,
+    holding: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
     loop {
@@ -125,8 +131,14 @@ async fn hear(
                     payload: n.payload().to_string(),
                 });
             }
-            Ok(None) => {
-                warn!("direct connection lost; taking it and the liveness lock again");
+            // The connection dropped (Ok(None) after sqlx reconnected it at once; an error when it
+            // could not): the lock went with the session. Take both again, whenever the server
+            // answers; until then other processes may take this one for dead.
+            Ok(None) | Err(_) => {
+                holding.store(false, Ordering::SeqCst);
+                if let Err(e) = next {
+                    warn!(error = %e, "direct connection lost");
+                }
                 while let Err(e) = take_lock(&mut listener, key).await {
                     warn!(error = %e, "cannot take the liveness lock again; retrying");
                     tokio::select! {
@@ -134,14 +146,9 @@ async fn hear(
                         _ = stop.cancelled() => return,
                     }
                 }
+                info!("direct connection and liveness lock taken again");
+                holding.store(true, Ordering::SeqCst);
                 let _ = heard.send(Heard::Reconnected);
-            }
-            Err(e) => {
-                warn!(error = %e, "LISTEN on the direct connection failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(RESCUE_EVERY) => {}
-                    _ = stop.cancelled() => return,
-                }
             }
         }
     }
@@ -177,16 +184,24 @@ impl Presence {
         let key = direct.as_ref().map(|(_, key)| *key);
         register_process(&pool, &info, &config, key).await?;
         let stop = CancellationToken::new();
+        let holding = Arc::new(AtomicBool::new(true));
         let mut tasks = vec![tokio::spawn(keep_alive(
             pool.clone(),
             info.clone(),
             config,
             key,
+            holding.clone(),
             stop.clone(),
         ))];
         let heard = direct.map(|(listener, key)| {
             let (tx, _) = broadcast::channel(1024);
-            tasks.push(tokio::spawn(hear(listener, key, tx.clone(), stop.clone())));
+            tasks.push(tokio::spawn(hear(
+                listener,
+                key,
+                tx.clone(),
+                holding.clone(),
+                stop.clone(),
+            )));
             tx
         });
         Ok(Arc::new(Presence {
@@ -195,7 +210,14 @@ impl Presence {
             stop,
             tasks: Mutex::new(tasks),
             heard,
+            holding,
         }))
+    }
+
+    /// Whether other processes can see this one alive: it holds its liveness lock (or uses none).
+    /// A worker claims nothing while it is not.
+    pub fn alive(&self) -> bool {
+        self.holding.load(Ordering::SeqCst)
     }
 
     /// What the direct connection hears from now on; `None` without one (poll instead).
@@ -286,6 +308,7 @@ async fn keep_alive(
     info: ProcessInfo,
     config: Arc<Config>,
     lock_key: Option<i32>,
+    holding: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
     let heartbeat_every = (info.lease / 3).max(Duration::from_millis(100));
@@ -294,6 +317,11 @@ async fn keep_alive(
         tokio::select! {
             _ = tokio::time::sleep(RESCUE_EVERY.min(heartbeat_every)) => {}
             _ = stop.cancelled() => return,
+        }
+        // Without its own lock (PostgreSQL restarted, say) a process would judge the others by
+        // locks that are only being taken again: wait until it holds its own.
+        if !holding.load(Ordering::SeqCst) {
+            continue;
         }
         match sqlx::query_scalar::<_, i32>("SELECT crm_sync.reap_dead_workers()")
             .fetch_one(&pool)

@@ -108,6 +108,8 @@ struct Slot {
 }
 
 struct Shared {
+    /// The process's liveness: no claims while others may take it for dead.
+    presence: Arc<Presence>,
     pool: Db,
     executor: Executor,
     opts: WorkerOptions,
@@ -169,13 +171,15 @@ impl Worker {
                 .await?,
             ),
         };
-        let heard = self
+        let presence = self
             .presence
-            .as_ref()
-            .or(own_presence.as_ref())
-            .and_then(|p| p.subscribe());
+            .clone()
+            .or(own_presence.clone())
+            .expect("a worker runs with a presence");
+        let heard = presence.subscribe();
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(self.opts.concurrency)),
+            presence,
             pool: self.pool,
             executor: self.executor,
             opts: self.opts,
@@ -233,7 +237,7 @@ async fn claim_loop(
             .slots
             .available_permits()
             .min(shared.opts.claim_batch);
-        if free > 0 {
+        if free > 0 && shared.presence.alive() {
             let claim = queue::claim(
                 &shared.pool,
                 &shared.opts.id,
