@@ -267,6 +267,17 @@ $$;
 ALTER TABLE crm_sync.steps ADD COLUMN fingerprint text;
 ALTER TABLE crm_sync.attempts ADD COLUMN fingerprint text;
 
+-- The output a step worked out before it started an external job whose effect it cannot read back
+-- (a BigQuery MERGE: the counts are computed before it runs): a later attempt that finds the job
+-- done completes with this output instead of running the job again.
+CREATE TABLE crm_sync.job_outputs (
+    job_id      text PRIMARY KEY,
+    step_id     bigint NOT NULL REFERENCES crm_sync.steps (id) ON DELETE CASCADE,
+    output      jsonb NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX job_outputs_step ON crm_sync.job_outputs (step_id);
+
 -- ---------------------------------------------------------------------------------------------------
 -- Claims: only the worker's pipelines (NULL: any, as workers of older releases claim).
 DROP FUNCTION crm_sync.claim_steps(text, integer, bigint);

@@ -1118,3 +1118,114 @@ async fn a_previous_releases_disable_by_omission_is_ignored() {
     assert_eq!(enabled, (true, true));
     psql_enqueue(&db, "p");
 }
+
+/// BigQuery merge: kill -9 after the MERGE job ran, before the completion was recorded. The next
+/// attempt finds the earlier attempt's MERGE job done (its id names the claim) and completes with
+/// the output worked out before it ran: the merge is neither applied nor counted twice.
+#[tokio::test]
+async fn bigquery_merge_killed_after_its_merge_job_completes_from_it() {
+    use common::ezfocus::{BUCKET, PROJECT};
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = fixture(2_700).await;
+    let (gcs, bq) = common::emulators::gcp_with_bucket(PROJECT, BUCKET).await;
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    let body = common::merge_mode(&common::ezfocus::gcp_example_config(
+        &fixture,
+        &secrets,
+        &gcs.endpoint(),
+        &bq.base_url(),
+    ))
+    .replace("schedule = \"0 1 * * *\"\n", "");
+    let config = config_file(dir.path(), "c.toml", &db, &body);
+    let mut a = spawn(&config, &["worker"], dir.path(), "a.log");
+    wait_for_live(&db, 1).await;
+    let run = psql_enqueue(&db, "ezfocus_accounts");
+    wait_until(
+        &db.pool,
+        &format!("SELECT EXISTS (SELECT 1 FROM crm_sync.steps WHERE run_id = '{run}' AND name = 'load' AND status = 'running')"),
+        Duration::from_secs(120),
+    )
+    .await;
+    let mut hold = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE crm_sync.attempts IN EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    wait_until(
+        &db.pool,
+        "SELECT EXISTS (SELECT 1 FROM crm_sync.job_outputs)",
+        Duration::from_secs(60),
+    )
+    .await;
+    let job_id: String = sqlx::query_scalar("SELECT job_id FROM crm_sync.job_outputs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let loader = crm_sync::gcp::bigquery::BigQueryLoader::new(
+        Some(bq.base_url()),
+        crm_sync::gcp::GcpAuth::Anonymous,
+    )
+    .await
+    .unwrap();
+    assert!(
+        loader
+            .earlier_job(PROJECT, &job_id)
+            .await
+            .unwrap()
+            .is_some(),
+        "the MERGE job ran"
+    );
+    wait_until(
+        &db.pool,
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%complete_steps%')",
+        Duration::from_secs(20),
+    )
+    .await;
+    kill(Pid::from_raw(a.id() as i32), Signal::SIGKILL).unwrap();
+    let _ = a.wait();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM (SELECT pid FROM pg_stat_activity
+          WHERE wait_event_type = 'Lock' AND query LIKE '%complete_steps%' OFFSET 0) blocked",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    hold.rollback().await.unwrap();
+    let recorded: Value = sqlx::query_scalar("SELECT output FROM crm_sync.job_outputs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+
+    let mut b = spawn(&config, &["worker"], dir.path(), "b.log");
+    assert_eq!(
+        wait_for_run(&db.pool, run, Duration::from_secs(90)).await,
+        "succeeded"
+    );
+    let output = common::step_output(&db.pool, run, "load").await;
+    assert_eq!(
+        output, recorded,
+        "the completion took the first MERGE's output"
+    );
+    let counts = common::merge_counts(&output);
+    assert!(
+        counts[0] > 2_600,
+        "the first merge's inserts, not a second pass's: {output}"
+    );
+    let outcomes: Vec<String> = sqlx::query_scalar(
+        "SELECT outcome FROM crm_sync.attempts WHERE step_id = $1 ORDER BY fence",
+    )
+    .bind(load_step(&db, run).await.0)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(outcomes, ["lost", "succeeded"]);
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_sync.job_outputs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 1, "the second attempt ran no MERGE of its own");
+    assert!(terminate(&mut b, Duration::from_secs(30)).success());
+    fixture.stop().await;
+}

@@ -178,6 +178,30 @@ pub async fn merge(
             ctx.batch_id
         )));
     }
+    let current = Lease {
+        step_id: ctx.step_id,
+        fence: ctx.fence,
+    };
+    // An earlier attempt whose MERGE ran (its worker died before recording it) already applied
+    // this batch: complete with the output it worked out, do not merge again.
+    let earlier = queue::earlier_claims(&ctx.pool, &ctx.batch_id, &ctx.step_name, current)
+        .await
+        .map_err(StepError::from_db)?;
+    for claim in earlier {
+        let job_id = merge_job_id(&ctx.batch_id, claim);
+        if loader
+            .earlier_job(target.project, &job_id)
+            .await
+            .map_err(bq_error)?
+            .is_some()
+            && let Some(output) = queue::job_output(&ctx.pool, &job_id)
+                .await
+                .map_err(StepError::from_db)?
+        {
+            tracing::info!(job_id = %job_id, "an earlier attempt's MERGE already applied this batch; using its output");
+            return Ok(output);
+        }
+    }
     let safe_batch = ctx.batch_id.replace('-', "_");
     let stage = format!("{}__crm_sync_stage_{safe_batch}", target.table);
     let job_id = format!("crm_sync_stage_{safe_batch}_{}_{}", ctx.step_id, ctx.fence);
@@ -315,7 +339,25 @@ pub async fn merge(
         ),
         DeleteMode::Hard => "DELETE".to_string(),
     };
-    run(format!(
+    let output = json!({
+        "table": format!("{}.{}.{}", target.project, target.dataset, target.table),
+        "rows": expected_rows,
+        "source": gs_uri,
+        "batch_id": ctx.batch_id,
+        "write": "merge",
+        "inserted": inserted,
+        "updated": updated,
+        "unchanged": expected_rows as i64 - inserted - updated,
+        "deleted": to_delete,
+        "unkeyable_removed": unkeyable_removed,
+    });
+    // The MERGE runs as a job whose id names this claim, and its output is kept first: a later
+    // attempt that finds the job done completes with it (see the top of this function).
+    let job_id = merge_job_id(&ctx.batch_id, current);
+    queue::record_job_output(&ctx.pool, &job_id, ctx.step_id, &output)
+        .await
+        .map_err(StepError::from_db)?;
+    let merge_sql = format!(
         "MERGE {t} T
          USING (SELECT *, {hs} AS crm_sync_row_hash FROM {s} S) S
          ON {on}
@@ -333,21 +375,18 @@ pub async fn merge(
             .collect::<Vec<_>>()
             .join(", "),
         batch = columns.batch,
-    ))
-    .await?;
+    );
+    loader
+        .run_statement_with_job_id(p, &merge_sql, &job_id)
+        .await
+        .map_err(bq_error)?;
     run(format!("DROP TABLE IF EXISTS {s}")).await?;
-    Ok(json!({
-        "table": format!("{}.{}.{}", target.project, target.dataset, target.table),
-        "rows": expected_rows,
-        "source": gs_uri,
-        "batch_id": ctx.batch_id,
-        "write": "merge",
-        "inserted": inserted,
-        "updated": updated,
-        "unchanged": expected_rows as i64 - inserted - updated,
-        "deleted": to_delete,
-        "unkeyable_removed": unkeyable_removed,
-    }))
+    Ok(output)
+}
+
+/// The id of the MERGE job of one claim of a merge load: `crm_sync_merge_<batch>_<step>_<fence>`.
+pub fn merge_job_id(batch_id: &str, claim: Lease) -> String {
+    load_job_id(batch_id, claim).replacen("crm_sync_", "crm_sync_merge_", 1)
 }
 
 /// A number in the first row of a query's result (BigQuery returns INT64 as a string).

@@ -27,6 +27,7 @@ use gcp_bigquery_client::model::get_query_results_parameters::GetQueryResultsPar
 use gcp_bigquery_client::model::job::Job;
 use gcp_bigquery_client::model::job_configuration::JobConfiguration;
 use gcp_bigquery_client::model::job_configuration_load::JobConfigurationLoad;
+use gcp_bigquery_client::model::job_configuration_query::JobConfigurationQuery;
 use gcp_bigquery_client::model::job_reference::JobReference;
 use gcp_bigquery_client::model::query_request::QueryRequest;
 use gcp_bigquery_client::model::table::Table;
@@ -194,6 +195,16 @@ pub struct LoadOutcome {
     pub job_id: String,
     /// Rows written, as BigQuery counted them (compare with the rows staged).
     pub output_rows: u64,
+}
+
+/// Rows a DONE load job wrote.
+fn output_rows(job: &Job) -> u64 {
+    job.statistics
+        .as_ref()
+        .and_then(|s| s.load.as_ref())
+        .and_then(|l| l.output_rows.as_ref())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Whether `ensure_*` found the resource or created it.
@@ -599,41 +610,75 @@ impl BigQueryLoader {
             }),
             ..Default::default()
         };
-        let started = match self.client.job().insert(project, job).await {
-            Ok(job) => job,
+        let started = self.insert_or_attach(project, job_id, job).await?;
+        let done = self.wait_for_job(project, job_id, started).await?;
+        Ok(LoadOutcome {
+            job_id: job_id.to_string(),
+            output_rows: output_rows(&done),
+        })
+    }
+
+    /// Inserts `job`; when a job with its id exists already (an earlier call created it), attaches to
+    /// that one instead.
+    async fn insert_or_attach(
+        &self,
+        project: &str,
+        job_id: &str,
+        job: Job,
+    ) -> Result<Job, BigQueryError> {
+        match self.client.job().insert(project, job).await {
+            Ok(job) => Ok(job),
             Err(e) => match BigQueryError::from_bq("jobs.insert", e) {
                 // Duplicate job id: an earlier attempt did create it. Attach to that job.
                 e if e.status() == Some(409) => {
-                    tracing::info!(job_id, "load job already exists, attaching to it");
+                    tracing::info!(job_id, "job already exists, attaching to it");
                     self.client
                         .job()
                         .get_job(project, job_id, self.location.as_deref())
                         .await
-                        .map_err(|e| BigQueryError::from_bq("jobs.get", e))?
+                        .map_err(|e| BigQueryError::from_bq("jobs.get", e))
                 }
-                e => return Err(e),
+                e => Err(e),
             },
-        };
-        let done = self.wait_for_job(project, job_id, started).await?;
-        let output_rows = done
-            .statistics
-            .and_then(|s| s.load)
-            .and_then(|l| l.output_rows)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        Ok(LoadOutcome {
-            job_id: job_id.to_string(),
-            output_rows,
-        })
+        }
     }
 
-    /// The outcome of an earlier load job with this id, when it exists and succeeded (waiting for it
-    /// while it runs); `None` when there is no such job or it failed.
-    pub async fn earlier_load(
+    /// Runs one statement (a MERGE, a DML) as a query job with the caller's job id, to completion.
+    /// A repeat with the same id attaches to the job instead of running the statement again.
+    pub async fn run_statement_with_job_id(
+        &self,
+        project: &str,
+        sql: &str,
+        job_id: &str,
+    ) -> Result<(), BigQueryError> {
+        let job = Job {
+            job_reference: Some(JobReference {
+                job_id: Some(job_id.to_string()),
+                project_id: Some(project.to_string()),
+                location: self.location.clone(),
+            }),
+            configuration: Some(JobConfiguration {
+                query: Some(JobConfigurationQuery {
+                    query: sql.to_string(),
+                    use_legacy_sql: Some(false),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let started = self.insert_or_attach(project, job_id, job).await?;
+        self.wait_for_job(project, job_id, started).await?;
+        Ok(())
+    }
+
+    /// An earlier job with this id that succeeded (waited for while it runs); `None` when there is
+    /// no such job or it failed.
+    pub async fn earlier_job(
         &self,
         project: &str,
         job_id: &str,
-    ) -> Result<Option<LoadOutcome>, BigQueryError> {
+    ) -> Result<Option<Job>, BigQueryError> {
         let job = match self
             .client
             .job()
@@ -650,18 +695,25 @@ impl BigQueryLoader {
             }
         };
         match self.wait_for_job(project, job_id, job).await {
-            Ok(done) => Ok(Some(LoadOutcome {
-                job_id: job_id.to_string(),
-                output_rows: done
-                    .statistics
-                    .and_then(|s| s.load)
-                    .and_then(|l| l.output_rows)
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0),
-            })),
+            Ok(done) => Ok(Some(done)),
             Err(BigQueryError::JobFailed { .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The outcome of an earlier load job with this id, when it exists and succeeded.
+    pub async fn earlier_load(
+        &self,
+        project: &str,
+        job_id: &str,
+    ) -> Result<Option<LoadOutcome>, BigQueryError> {
+        Ok(self
+            .earlier_job(project, job_id)
+            .await?
+            .map(|done| LoadOutcome {
+                job_id: job_id.to_string(),
+                output_rows: output_rows(&done),
+            }))
     }
 
     /// Polls `jobs.get` with doubling waits until the job is DONE, the deadline passes, or

@@ -162,6 +162,34 @@ pub async fn earlier_claims(
         .collect())
 }
 
+/// Keeps the output a step worked out before starting external job `job_id` (see
+/// `crm_sync.job_outputs`), so that a later attempt finding the job done can complete with it.
+pub async fn record_job_output(
+    pool: &Db,
+    job_id: &str,
+    step_id: i64,
+    output: &Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO crm_sync.job_outputs (job_id, step_id, output) VALUES ($1, $2, $3)
+         ON CONFLICT (job_id) DO UPDATE SET output = EXCLUDED.output",
+    )
+    .bind(job_id)
+    .bind(step_id)
+    .bind(output)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The output recorded for external job `job_id`, if any.
+pub async fn job_output(pool: &Db, job_id: &str) -> Result<Option<Value>, sqlx::Error> {
+    sqlx::query_scalar("SELECT output FROM crm_sync.job_outputs WHERE job_id = $1")
+        .bind(job_id)
+        .fetch_optional(pool)
+        .await
+}
+
 /// Records a failed attempt; see [`FailOutcome`].
 pub async fn fail(
     pool: &Db,
