@@ -765,6 +765,55 @@ async fn table_writers(warehouse: &TestDb) -> (Vec<String>, i64) {
     (writers, rows)
 }
 
+/// Starts a worker with `config`, enqueues a run of the EZ Focus pipeline, waits until its load runs,
+/// and holds crm-sync's completions back from then on (they write attempts; the load does not).
+async fn start_load_and_hold_completions(
+    db: &TestDb,
+    config: &Path,
+    dir: &Path,
+) -> (Proc, Uuid, sqlx::Transaction<'static, sqlx::Postgres>) {
+    let a = spawn(config, &["worker"], dir, "a.log");
+    wait_for_live(db, 1).await;
+    let run = psql_enqueue(db, "ezfocus_accounts");
+    wait_until(
+        &db.pool,
+        &format!("SELECT EXISTS (SELECT 1 FROM crm_sync.steps WHERE run_id = '{run}' AND name = 'load' AND status = 'running')"),
+        Duration::from_secs(120),
+    )
+    .await;
+    let mut hold = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE crm_sync.attempts IN EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    (a, run, hold)
+}
+
+/// Once the worker waits to record its completion: kill -9, end its blocked backend (it would only
+/// notice the lost client after its statement; a cut connection would end it), let completions go.
+async fn kill_before_its_completion(
+    db: &TestDb,
+    worker: &mut Proc,
+    hold: sqlx::Transaction<'static, sqlx::Postgres>,
+) {
+    wait_until(
+        &db.pool,
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%complete_steps%')",
+        Duration::from_secs(20),
+    )
+    .await;
+    kill(Pid::from_raw(worker.id() as i32), Signal::SIGKILL).unwrap();
+    let _ = worker.wait();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM (SELECT pid FROM pg_stat_activity
+          WHERE wait_event_type = 'Lock' AND query LIKE '%complete_steps%' OFFSET 0) blocked",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    hold.rollback().await.unwrap();
+}
+
 /// kill -9 after the warehouse committed the batch but before crm-sync recorded the completion: the
 /// next attempt finds the batch in the ledger and completes without loading again.
 async fn killed_between_warehouse_commit_and_completion(merge: bool) {
@@ -775,49 +824,18 @@ async fn killed_between_warehouse_commit_and_completion(merge: bool) {
     let fixture = fixture(rows).await;
     let body = warehouse_config(&fixture, dir.path(), rows, &warehouse, merge, "30s");
     let config = config_file(dir.path(), "c.toml", &db, &body);
-    let mut a = spawn(&config, &["worker"], dir.path(), "a.log");
-    wait_for_live(&db, 1).await;
-    let run = psql_enqueue(&db, "ezfocus_accounts");
-    wait_until(
-        &db.pool,
-        &format!("SELECT EXISTS (SELECT 1 FROM crm_sync.steps WHERE run_id = '{run}' AND name = 'load' AND status = 'running')"),
-        Duration::from_secs(120),
-    )
-    .await;
-    // Completions (they write attempts) wait behind this lock; the load itself does not.
-    let mut hold = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE crm_sync.attempts IN EXCLUSIVE MODE")
-        .execute(&mut *hold)
-        .await
-        .unwrap();
+    let (mut a, run, hold) = start_load_and_hold_completions(&db, &config, dir.path()).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while ledger_rows(&warehouse).await.is_empty() {
         assert!(Instant::now() < deadline, "the warehouse never committed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    wait_until(
-        &db.pool,
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%complete_steps%')",
-        Duration::from_secs(20),
-    )
-    .await;
     assert_eq!(
         load_step(&db, run).await.1,
         "running",
         "completed too early"
     );
-    kill(Pid::from_raw(a.id() as i32), Signal::SIGKILL).unwrap();
-    let _ = a.wait();
-    // The dead worker's backend would only notice the lost client after its statement; end it, as a
-    // cut connection would.
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM (SELECT pid FROM pg_stat_activity
-          WHERE wait_event_type = 'Lock' AND query LIKE '%complete_steps%' OFFSET 0) blocked",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    hold.rollback().await.unwrap();
+    kill_before_its_completion(&db, &mut a, hold).await;
     let first = ledger_rows(&warehouse).await;
 
     let mut b = spawn(&config, &["worker"], dir.path(), "b.log");
@@ -1139,20 +1157,7 @@ async fn bigquery_merge_killed_after_its_merge_job_completes_from_it() {
     ))
     .replace("schedule = \"0 1 * * *\"\n", "");
     let config = config_file(dir.path(), "c.toml", &db, &body);
-    let mut a = spawn(&config, &["worker"], dir.path(), "a.log");
-    wait_for_live(&db, 1).await;
-    let run = psql_enqueue(&db, "ezfocus_accounts");
-    wait_until(
-        &db.pool,
-        &format!("SELECT EXISTS (SELECT 1 FROM crm_sync.steps WHERE run_id = '{run}' AND name = 'load' AND status = 'running')"),
-        Duration::from_secs(120),
-    )
-    .await;
-    let mut hold = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE crm_sync.attempts IN EXCLUSIVE MODE")
-        .execute(&mut *hold)
-        .await
-        .unwrap();
+    let (mut a, run, hold) = start_load_and_hold_completions(&db, &config, dir.path()).await;
     wait_until(
         &db.pool,
         "SELECT EXISTS (SELECT 1 FROM crm_sync.job_outputs)",
@@ -1177,22 +1182,7 @@ async fn bigquery_merge_killed_after_its_merge_job_completes_from_it() {
             .is_some(),
         "the MERGE job ran"
     );
-    wait_until(
-        &db.pool,
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%complete_steps%')",
-        Duration::from_secs(20),
-    )
-    .await;
-    kill(Pid::from_raw(a.id() as i32), Signal::SIGKILL).unwrap();
-    let _ = a.wait();
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM (SELECT pid FROM pg_stat_activity
-          WHERE wait_event_type = 'Lock' AND query LIKE '%complete_steps%' OFFSET 0) blocked",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    hold.rollback().await.unwrap();
+    kill_before_its_completion(&db, &mut a, hold).await;
     let recorded: Value = sqlx::query_scalar("SELECT output FROM crm_sync.job_outputs")
         .fetch_one(&db.pool)
         .await

@@ -80,13 +80,7 @@ pub async fn load(
     // call attaches to the job it may already have created, and a later attempt (a worker that died
     // after starting the job, a retried run) finds an earlier attempt's job and uses its outcome
     // instead of loading again.
-    let current = Lease {
-        step_id: ctx.step_id,
-        fence: ctx.fence,
-    };
-    let earlier = queue::earlier_claims(&ctx.pool, &ctx.batch_id, &ctx.step_name, current)
-        .await
-        .map_err(StepError::from_db)?;
+    let (current, earlier) = claims(ctx).await?;
     let mut found = None;
     for claim in earlier {
         if let Some(outcome) = loader
@@ -127,6 +121,19 @@ pub async fn load(
         "batch_id": ctx.batch_id,
         "write": "replace",
     }))
+}
+
+/// This attempt's claim, and the claims earlier attempts at this step of the batch held (newest
+/// first): the jobs they may have started are named after them.
+async fn claims(ctx: &StepContext) -> Result<(Lease, Vec<Lease>), StepError> {
+    let current = Lease {
+        step_id: ctx.step_id,
+        fence: ctx.fence,
+    };
+    let earlier = queue::earlier_claims(&ctx.pool, &ctx.batch_id, &ctx.step_name, current)
+        .await
+        .map_err(StepError::from_db)?;
+    Ok((current, earlier))
 }
 
 /// The id of the load job of one claim of a load step: `crm_sync_<batch>_<step>_<fence>`.
@@ -178,15 +185,9 @@ pub async fn merge(
             ctx.batch_id
         )));
     }
-    let current = Lease {
-        step_id: ctx.step_id,
-        fence: ctx.fence,
-    };
     // An earlier attempt whose MERGE ran (its worker died before recording it) already applied
     // this batch: complete with the output it worked out, do not merge again.
-    let earlier = queue::earlier_claims(&ctx.pool, &ctx.batch_id, &ctx.step_name, current)
-        .await
-        .map_err(StepError::from_db)?;
+    let (current, earlier) = claims(ctx).await?;
     for claim in earlier {
         let job_id = merge_job_id(&ctx.batch_id, claim);
         if loader

@@ -599,11 +599,7 @@ impl BigQueryLoader {
             ..Default::default()
         };
         let job = Job {
-            job_reference: Some(JobReference {
-                job_id: Some(job_id.to_string()),
-                project_id: Some(project.to_string()),
-                location: self.location.clone(),
-            }),
+            job_reference: Some(self.job_reference(project, job_id)),
             configuration: Some(JobConfiguration {
                 load: Some(load),
                 ..Default::default()
@@ -616,6 +612,15 @@ impl BigQueryLoader {
             job_id: job_id.to_string(),
             output_rows: output_rows(&done),
         })
+    }
+
+    /// The reference of a job with the caller's id, in this client's location.
+    fn job_reference(&self, project: &str, job_id: &str) -> JobReference {
+        JobReference {
+            job_id: Some(job_id.to_string()),
+            project_id: Some(project.to_string()),
+            location: self.location.clone(),
+        }
     }
 
     /// Inserts `job`; when a job with its id exists already (an earlier call created it), attaches to
@@ -652,11 +657,7 @@ impl BigQueryLoader {
         job_id: &str,
     ) -> Result<(), BigQueryError> {
         let job = Job {
-            job_reference: Some(JobReference {
-                job_id: Some(job_id.to_string()),
-                project_id: Some(project.to_string()),
-                location: self.location.clone(),
-            }),
+            job_reference: Some(self.job_reference(project, job_id)),
             configuration: Some(JobConfiguration {
                 query: Some(JobConfigurationQuery {
                     query: sql.to_string(),

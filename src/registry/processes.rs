@@ -116,7 +116,6 @@ async fn hear(
     mut listener: PgListener,
     key: i32,
     heard: broadcast::Sender<Heard>,
-    holding: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
     loop {
@@ -135,7 +134,6 @@ async fn hear(
             // could not): the lock went with the session. Take both again, whenever the server
             // answers; until then other processes may take this one for dead.
             Ok(None) | Err(_) => {
-                holding.store(false, Ordering::SeqCst);
                 if let Err(e) = next {
                     warn!(error = %e, "direct connection lost");
                 }
@@ -147,7 +145,6 @@ async fn hear(
                     }
                 }
                 info!("direct connection and liveness lock taken again");
-                holding.store(true, Ordering::SeqCst);
                 let _ = heard.send(Heard::Reconnected);
             }
         }
@@ -195,13 +192,7 @@ impl Presence {
         ))];
         let heard = direct.map(|(listener, key)| {
             let (tx, _) = broadcast::channel(1024);
-            tasks.push(tokio::spawn(hear(
-                listener,
-                key,
-                tx.clone(),
-                holding.clone(),
-                stop.clone(),
-            )));
+            tasks.push(tokio::spawn(hear(listener, key, tx.clone(), stop.clone())));
             tx
         });
         Ok(Arc::new(Presence {
@@ -318,10 +309,20 @@ async fn keep_alive(
             _ = tokio::time::sleep(RESCUE_EVERY.min(heartbeat_every)) => {}
             _ = stop.cancelled() => return,
         }
-        // Without its own lock (PostgreSQL restarted, say) a process would judge the others by
-        // locks that are only being taken again: wait until it holds its own.
-        if !holding.load(Ordering::SeqCst) {
-            continue;
+        // Without its own lock (PostgreSQL restarted, say; the direct connection is being taken
+        // again) others take this process for dead: it claims nothing, and judges nobody by locks
+        // that are only being taken again, until it holds its own.
+        if let Some(key) = lock_key {
+            match holds_lock(&pool, key).await {
+                Ok(held) => holding.store(held, Ordering::SeqCst),
+                Err(e) => {
+                    holding.store(false, Ordering::SeqCst);
+                    warn!(error = %e, "cannot check this process's liveness lock");
+                }
+            }
+            if !holding.load(Ordering::SeqCst) {
+                continue;
+            }
         }
         match sqlx::query_scalar::<_, i32>("SELECT crm_sync.reap_dead_workers()")
             .fetch_one(&pool)
@@ -338,6 +339,20 @@ async fn keep_alive(
             }
         }
     }
+}
+
+/// Whether this process's liveness lock (`key`) is held now, as every other process sees it.
+async fn holds_lock(pool: &Db, key: i32) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
+                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                           AND l.classid = crm_sync.liveness_lock_class()::oid AND l.objid = $1::oid
+                           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                                              WHERE d.datname = current_database()))",
+    )
+    .bind(i64::from(key))
+    .fetch_one(pool)
+    .await
 }
 
 /// Renews the row; a process that others took for dead (its row stopped, its definitions gone)
