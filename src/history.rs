@@ -127,25 +127,40 @@ pub async fn list_runs(pool: &Db, filter: &RunFilter) -> Result<Vec<RunSummary>,
         .await
 }
 
-/// The statement of [`changed_runs`]: $1 the time of the caller's last look.
-pub fn changed_runs_sql() -> String {
-    format!(
-        "SELECT {RUN_COLUMNS} FROM crm_sync.runs r
-          WHERE r.status IN ('queued', 'running')
-             OR r.created_at > $1 - interval '5 seconds'
-             OR r.finished_at > $1 - interval '5 seconds'
-          ORDER BY r.created_at"
-    )
-}
+/// The statement of [`changed_since`]: $1 the time of the feed's last look (less a margin). Public so
+/// that the index test EXPLAINs exactly what the event streams' feed runs four times a second.
+/// Each run that changed itself or in one of its steps, with its latest change.
+pub const CHANGED_SINCE_SQL: &str = "SELECT c.run_id, max(c.changed_at) AS changed_at
+       FROM (SELECT r.id AS run_id, r.updated_at AS changed_at FROM crm_sync.runs r
+              WHERE r.updated_at > $1
+             UNION ALL
+             SELECT s.run_id, s.updated_at FROM crm_sync.steps s WHERE s.updated_at > $1) c
+      GROUP BY c.run_id";
 
-/// Active runs, and runs created or finished since `since` (with a margin of 5 seconds for
-/// transactions that committed late), oldest first: what the all-runs event stream compares with
-/// what it already sent.
-pub async fn changed_runs(pool: &Db, since: DateTime<Utc>) -> Result<Vec<RunSummary>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(changed_runs_sql()))
+/// The runs that changed (themselves or a step) after `since`, each with the time of its latest
+/// change, and the database time just before the look.
+pub async fn changed_since(
+    pool: &Db,
+    since: DateTime<Utc>,
+) -> Result<(DateTime<Utc>, Vec<(Uuid, DateTime<Utc>)>), sqlx::Error> {
+    let at: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(pool)
+        .await?;
+    let changed = sqlx::query_as(CHANGED_SINCE_SQL)
         .bind(since)
         .fetch_all(pool)
-        .await
+        .await?;
+    Ok((at, changed))
+}
+
+/// The summaries of these runs (those that still exist), oldest first.
+pub async fn runs_by_id(pool: &Db, ids: &[Uuid]) -> Result<Vec<RunSummary>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {RUN_COLUMNS} FROM crm_sync.runs r WHERE r.id = ANY($1) ORDER BY r.created_at, r.id"
+    )))
+    .bind(ids)
+    .fetch_all(pool)
+    .await
 }
 
 /// One run with its steps and attempts; `None` if there is no such run.

@@ -2,6 +2,8 @@
 //! triggered, read, retried and cancelled, and clear JSON errors for bad input.
 
 mod common;
+#[path = "api/streams.rs"]
+mod streams;
 
 use std::sync::Arc;
 use std::time::Duration;

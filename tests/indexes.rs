@@ -423,10 +423,10 @@ async fn hot_queries_use_indexes_at_a_million_runs() {
         check(name, &explained, &mut problems);
     }
 
-    // GET /api/events, every 250 ms per open stream.
-    let events = crm_sync::history::changed_runs_sql().replace("$1", "now()");
+    // The event streams' change feed, every 250 ms per process.
+    let events = crm_sync::history::CHANGED_SINCE_SQL.replace("$1", "now() - interval '3 seconds'");
     check(
-        "/api/events (changed runs)",
+        "event streams' change feed (changed runs)",
         &explain(&mut conn, &events).await,
         &mut problems,
     );

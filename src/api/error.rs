@@ -31,6 +31,9 @@ pub enum ApiError {
     /// A body that is not `application/json`.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// A limit on concurrent use (event streams) is reached.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// Logged with its detail; the client sees only that something failed on our side.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -46,6 +49,7 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(e) => {
                 tracing::error!(error = %format!("{e:#}"), "API request failed");
                 StatusCode::INTERNAL_SERVER_ERROR

@@ -10,6 +10,7 @@ mod body;
 mod console;
 mod error;
 mod events;
+mod feed;
 mod health;
 mod metrics;
 mod openapi;
@@ -18,6 +19,7 @@ mod runs;
 
 pub use auth::{Scope, Tokens};
 pub use error::ApiError;
+pub use feed::StreamLimits;
 
 use std::sync::Arc;
 
@@ -40,12 +42,19 @@ pub struct AppState {
     /// The queue and freshness gauges read from PostgreSQL; `None` where only process metrics are
     /// served (a worker's health port).
     pub cluster: Option<Arc<ClusterMetrics>>,
+    /// The change feed of the event streams, and their limits.
+    feed: Arc<feed::ChangeFeed>,
 }
 
 impl AppState {
     /// State for the full API: fresh process metrics and the cluster gauges.
     pub fn new(pool: Db, config: Arc<Config>, tokens: Tokens) -> Self {
+        let limits = StreamLimits {
+            total: config.server.max_event_streams,
+            per_token: config.server.max_event_streams_per_token,
+        };
         Self {
+            feed: feed::ChangeFeed::new(pool.clone(), limits),
             pool,
             config,
             tokens: Arc::new(tokens),
@@ -113,11 +122,17 @@ pub async fn serve_router(
     Ok(())
 }
 
-/// Serves the full API on `listener` until `shutdown` is cancelled.
+/// Serves the full API on `listener` until `shutdown` is cancelled; open event streams end then.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
+    let feed = state.feed.clone();
+    let stop_streams = shutdown.clone();
+    tokio::spawn(async move {
+        stop_streams.cancelled().await;
+        feed.stop();
+    });
     serve_router(listener, router(state), shutdown).await
 }

@@ -898,7 +898,14 @@ async fn serve_until(
             );
         }
         let listener = bind(config.server.listen).await?;
-        let state = crate::api::AppState::new(pool.clone(), Arc::new(config.clone()), tokens)
+        // The API's own small pool: streams and pages cannot take the workers' connections.
+        let api_pool = db::connect(
+            config.require_database_url()?,
+            config.server.db_connections,
+            config.pooler,
+        )
+        .await?;
+        let state = crate::api::AppState::new(api_pool, Arc::new(config.clone()), tokens)
             .with_metrics(metrics.clone());
         roles.spawn(crate::api::serve(listener, state, shutdown.clone()));
     } else if let Some(addr) = ops_listen {

@@ -58,6 +58,16 @@ pub struct ServerConfig {
     /// in notifications. `None` means `http://{listen}`.
     #[serde(default)]
     pub public_url: Option<String>,
+    /// Connections of the API's own pool to crm-sync's database, apart from the workers' pool so that
+    /// pages and event streams can never take the connections claims, heartbeats and completions need.
+    #[serde(default = "default_api_connections")]
+    pub db_connections: u32,
+    /// Event streams (`/api/events`, `/api/runs/{id}/events`) open at once, in all.
+    #[serde(default = "default_max_event_streams")]
+    pub max_event_streams: usize,
+    /// Event streams open at once with one token (each console tab may hold one).
+    #[serde(default = "default_max_event_streams_per_token")]
+    pub max_event_streams_per_token: usize,
 }
 
 impl Default for ServerConfig {
@@ -65,8 +75,23 @@ impl Default for ServerConfig {
         Self {
             listen: default_listen(),
             public_url: None,
+            db_connections: default_api_connections(),
+            max_event_streams: default_max_event_streams(),
+            max_event_streams_per_token: default_max_event_streams_per_token(),
         }
     }
+}
+
+fn default_api_connections() -> u32 {
+    3
+}
+
+fn default_max_event_streams() -> usize {
+    200
+}
+
+fn default_max_event_streams_per_token() -> usize {
+    50
 }
 
 impl ServerConfig {
@@ -843,6 +868,27 @@ fn check_server(s: &ServerConfig, line: Option<usize>, issues: &mut Vec<ConfigIs
                     "\"{url}\" is not an http(s) base URL such as \"https://crm-sync.example.com\""
                 ),
             });
+        }
+    }
+    let mut bad = |field: &str, message: String| {
+        issues.push(ConfigIssue {
+            line,
+            location: format!("server.{field}"),
+            message,
+        })
+    };
+    if !(1..=100).contains(&s.db_connections) {
+        bad(
+            "db_connections",
+            format!("must be between 1 and 100, not {}", s.db_connections),
+        );
+    }
+    for (field, value) in [
+        ("max_event_streams", s.max_event_streams),
+        ("max_event_streams_per_token", s.max_event_streams_per_token),
+    ] {
+        if !(1..=100_000).contains(&value) {
+            bad(field, format!("must be between 1 and 100000, not {value}"));
         }
     }
 }
