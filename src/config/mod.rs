@@ -22,6 +22,7 @@ use crate::transform::TransformConfig;
 use crate::validate::ValidateConfig;
 
 mod fingerprint;
+mod http_limits;
 
 pub use fingerprint::fingerprint;
 
@@ -58,6 +59,16 @@ pub struct ServerConfig {
     /// in notifications. `None` means `http://{listen}`.
     #[serde(default)]
     pub public_url: Option<String>,
+    /// Slow clients and connection floods: see [`http_limits`].
+    #[serde(default = "http_limits::header_timeout", deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    #[serde(
+        default = "http_limits::request_timeout",
+        deserialize_with = "duration"
+    )]
+    pub request_timeout: Duration,
+    #[serde(default = "http_limits::max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +76,9 @@ impl Default for ServerConfig {
         Self {
             listen: default_listen(),
             public_url: None,
+            header_timeout: http_limits::header_timeout(),
+            request_timeout: http_limits::request_timeout(),
+            max_connections: http_limits::max_connections(),
         }
     }
 }
@@ -828,6 +842,7 @@ fn check_retention(r: &RetentionConfig, line: Option<usize>, issues: &mut Vec<Co
 }
 
 fn check_server(s: &ServerConfig, line: Option<usize>, issues: &mut Vec<ConfigIssue>) {
+    http_limits::check(s, line, issues);
     if let Some(url) = &s.public_url {
         let ok = reqwest::Url::parse(url).is_ok_and(|u| {
             matches!(u.scheme(), "http" | "https")
