@@ -28,8 +28,11 @@ async fn server(server_toml: &str) -> (TestDb, ApiServer) {
 async fn half_sent(base: &str, n: usize) -> Vec<TcpStream> {
     let addr = base.trim_start_matches("http://");
     let mut conns = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut s = TcpStream::connect(addr).await.expect("connect");
+    for i in 0..n {
+        let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} was not accepted within 2 s"))
+            .expect("connect");
         s.write_all(HALF_SENT).await.expect("write half a request");
         conns.push(s);
     }

@@ -21,6 +21,7 @@ mod token_strength;
 
 pub use auth::{Scope, Tokens};
 pub use error::ApiError;
+pub use token_strength::check_all as check_token_strength;
 
 use std::sync::Arc;
 

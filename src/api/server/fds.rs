@@ -3,14 +3,18 @@
 
 use std::sync::OnceLock;
 
-/// Descriptors kept for everything but HTTP connections: the database pool, LISTEN, backup and
-/// staging files, Chromium's pipes, logs.
+/// Descriptors kept for everything but HTTP connections (the database pool, LISTEN, backup and
+/// staging files, Chromium's pipes, logs): a quarter of the limit, at most this many.
 const RESERVED: u64 = 256;
+
+fn reserved(limit: u64) -> u64 {
+    (limit / 4).min(RESERVED)
+}
 
 /// `configured`, lowered (with a warning) to what the process may open besides [`RESERVED`].
 pub fn connection_cap(configured: usize) -> usize {
     let limit = open_files_limit();
-    let usable = usize::try_from(limit.saturating_sub(RESERVED))
+    let usable = usize::try_from(limit - reserved(limit))
         .unwrap_or(usize::MAX)
         .max(2);
     if configured > usable {
@@ -67,7 +71,9 @@ mod tests {
     #[test]
     fn the_cap_stays_below_the_open_files_limit() {
         let limit = open_files_limit();
-        assert!(connection_cap(usize::MAX) as u64 <= limit.saturating_sub(RESERVED).max(2));
+        assert!(connection_cap(usize::MAX) as u64 <= (limit - reserved(limit)).max(2));
+        assert_eq!(reserved(256), 64);
+        assert_eq!(reserved(1 << 20), RESERVED);
         assert_eq!(connection_cap(2), 2);
     }
 }
