@@ -14,8 +14,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-const ADMIN: &str = "admin-token-for-tests-0001";
-const READER: &str = "read-token-for-tests-0001";
+const ADMIN: &str = "Ta8Kq3Vw7Nx2Lp9Rb5Hm4Zc6Jd";
+const READER: &str = "Tr5Xn8Qw2Vk7Lb4Pz9Hc3Mj6Yd";
 
 struct Api {
     base: String,

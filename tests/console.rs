@@ -12,8 +12,8 @@ use common::browser::{Chromium, click, js, phone_width, screenshot, type_into, w
 use common::{ApiServer, RunningWorker, TestDb};
 use crm_sync::fixtures::ezfocus::{EzFocusConfig, EzFocusFixture};
 
-const ADMIN: &str = "console-admin-token-0001";
-const READER: &str = "console-read-token-0001";
+const ADMIN: &str = "Ca4Wq8Nv2Kx7Lr3Tb9Hp5Zm6Jd";
+const READER: &str = "Cr7Vx3Nq9Kw2Lt5Pb8Hm4Zj6Yd";
 
 const CONFIG: &str = r#"
 [worker]

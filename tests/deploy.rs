@@ -30,13 +30,14 @@ const DATASOURCE: &str = "deploy/grafana/provisioning/datasources/prometheus.yml
 const DASHBOARD_PROVIDER: &str = "deploy/grafana/provisioning/dashboards/crm-sync.yml";
 /// The uid of the provisioned Prometheus datasource, which every panel must use.
 const DATASOURCE_UID: &str = "prometheus";
-const ALERT_NAMES: [&str; 6] = [
+const ALERT_NAMES: [&str; 7] = [
     "CrmSyncPipelineStale",
     "CrmSyncRunFailed",
     "CrmSyncQueueBackingUp",
     "CrmSyncNoWorkerAlive",
     "CrmSyncPipelineUnserved",
     "CrmSyncPipelineDefinitionConflict",
+    "CrmSyncAuthFailureBurst",
 ];
 
 // ------------------------------------------------------------------------------------------ promtool

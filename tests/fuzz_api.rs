@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use common::TestDb;
 use serde_json::{Value, json};
 
-const ADMIN: &str = "fuzz-admin-token-0000000001";
-const READER: &str = "fuzz-read-token-00000000001";
+const ADMIN: &str = "Fa9Nq4Wv7Kx2Lr8Tb3Hp6Zm5Jd";
+const READER: &str = "Fr2Vx8Nq5Kw9Lt3Pb7Hm4Zj6Yd";
 
 /// A few noop pipelines: quick, failing (so retry has something to do), slow (cancel), multi-step,
 /// scheduled. No freshness SLA: a stale pipeline's documented 503 on /health/pipelines is what

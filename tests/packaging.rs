@@ -287,8 +287,8 @@ async fn healthcheck_exits_zero_on_a_healthy_server_and_one_otherwise() {
     let server = common::ApiServer::start(
         &db,
         &config,
-        "admin-token-0000000001",
-        "read-token-00000000001",
+        "Pa6Kq2Vw9Nx4Lp7Rb3Hm8Zc5Jd",
+        "Pr3Xn7Qw5Vk9Lb2Pz8Hc4Mj6Yd",
     )
     .await;
     let ok = tokio::process::Command::new(common::binary())

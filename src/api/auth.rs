@@ -1,8 +1,10 @@
 //! Bearer tokens from the environment or secret files, in two scopes: `read` sees everything,
 //! `admin` may also trigger, retry, rerun and cancel. Tokens are compared in constant time.
 
+use std::net::SocketAddr;
+
 use axum::Json;
-use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -10,6 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::openapi::ErrorBody;
+use super::token_strength;
 use super::{ApiError, AppState};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -63,11 +66,13 @@ impl std::fmt::Debug for Tokens {
 impl Tokens {
     /// Comma-separated lists from `CRM_SYNC_ADMIN_TOKENS` / `CRM_SYNC_READ_TOKENS`, or from the files
     /// named by `CRM_SYNC_ADMIN_TOKENS_FILE` / `CRM_SYNC_READ_TOKENS_FILE` (one token per line).
+    /// Placeholders and weak tokens are refused ([`token_strength`]).
     pub fn from_env() -> anyhow::Result<Self> {
-        Ok(Self {
-            admin: load("CRM_SYNC_ADMIN_TOKENS")?,
-            read: load("CRM_SYNC_READ_TOKENS")?,
-        })
+        let admin = load("CRM_SYNC_ADMIN_TOKENS")?;
+        token_strength::check_all(&source_of("CRM_SYNC_ADMIN_TOKENS"), &admin)?;
+        let read = load("CRM_SYNC_READ_TOKENS")?;
+        token_strength::check_all(&source_of("CRM_SYNC_READ_TOKENS"), &read)?;
+        Ok(Self { admin, read })
     }
 
     pub fn new(admin: Vec<String>, read: Vec<String>) -> Self {
@@ -119,6 +124,14 @@ fn load(var: &str) -> anyhow::Result<Vec<String>> {
     Ok(tokens)
 }
 
+/// Where [`load`] takes `var`'s tokens from, for messages: the variable, or the file it names.
+fn source_of(var: &str) -> String {
+    match (std::env::var_os(var), std::env::var(format!("{var}_FILE"))) {
+        (None, Ok(path)) => format!("{var}_FILE ({path})"),
+        _ => var.to_string(),
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = a.len() ^ b.len();
     for i in 0..a.len().max(b.len()) {
@@ -153,13 +166,33 @@ impl Caller {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
+    /// A request with no `Authorization` header is refused quietly (the console asks before
+    /// sign-in); a wrong or malformed one counts as a failed authentication of its address.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer_token(&parts.headers).ok_or(ApiError::Unauthorized)?;
-        state
-            .tokens
-            .scope_of(token)
-            .map(Caller)
-            .ok_or(ApiError::Unauthorized)
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or(ApiError::Unauthorized)?;
+        // The peer is known when served by `serve_router`; not for a router called directly.
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        let failures = &state.metrics.http_auth_failures_total;
+        if let Err(retry) = state.auth_failures.check(peer) {
+            failures.with_label_values(&["locked_out"]).inc();
+            return Err(ApiError::TooManyAuthFailures(retry.as_secs().max(1)));
+        }
+        let scope = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .and_then(|token| state.tokens.scope_of(token.trim()));
+        scope.map(Caller).ok_or_else(|| {
+            failures.with_label_values(&["wrong_token"]).inc();
+            state.auth_failures.record(peer, "wrong_token");
+            ApiError::Unauthorized
+        })
     }
 }
 

@@ -19,6 +19,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("missing or malformed bearer token")]
     Unauthorized,
+    /// Too many wrong tokens from the caller's address: retry after this many seconds.
+    #[error("too many failed authentications from this address; retry in {0} s")]
+    TooManyAuthFailures(u64),
     #[error("this token may only read; {0} needs an admin token")]
     Forbidden(String),
     #[error("{0}")]
@@ -44,6 +47,7 @@ impl IntoResponse for ApiError {
         let status = match &self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::TooManyAuthFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -61,6 +65,11 @@ impl IntoResponse for ApiError {
                 "www-authenticate",
                 axum::http::HeaderValue::from_static("Bearer"),
             );
+        }
+        if let ApiError::TooManyAuthFailures(secs) = self {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

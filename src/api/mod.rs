@@ -6,6 +6,7 @@
 //! generated from the handlers themselves and cannot miss one.
 
 mod auth;
+mod auth_failures;
 mod body;
 mod console;
 mod error;
@@ -16,15 +17,19 @@ mod metrics;
 mod openapi;
 mod pipelines;
 mod runs;
+mod server;
+mod token_strength;
 
 pub use auth::{Scope, Tokens};
 pub use error::ApiError;
 pub use feed::StreamLimits;
+pub use token_strength::check_all as check_token_strength;
 
 use std::sync::Arc;
 
 use crate::db::Db;
 use axum::Router;
+use tower_http::timeout::TimeoutLayer;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::config::Config;
@@ -44,6 +49,8 @@ pub struct AppState {
     pub cluster: Option<Arc<ClusterMetrics>>,
     /// The change feed of the event streams, and their limits.
     feed: Arc<feed::ChangeFeed>,
+    /// Wrong tokens by client address (logging and lockout).
+    pub auth_failures: Arc<auth_failures::AuthFailures>,
 }
 
 impl AppState {
@@ -60,6 +67,7 @@ impl AppState {
             tokens: Arc::new(tokens),
             metrics: Metrics::new(),
             cluster: Some(Arc::new(ClusterMetrics::new())),
+            auth_failures: Arc::default(),
         }
     }
 
@@ -72,9 +80,9 @@ impl AppState {
 
 /// The whole HTTP surface of `serve`: the API, health, metrics and the console.
 pub fn router(state: AppState) -> Router {
-    let (router, doc) = documented_routes().split_for_parts();
+    let (router, doc) = documented_routes(Some(request_timeout(&state))).split_for_parts();
     router
-        .merge(console::router())
+        .merge(console::router().layer(request_timeout(&state)))
         .layer(axum::Extension(Arc::new(doc)))
         .layer(axum::extract::DefaultBodyLimit::max(body::MAX_BODY))
         .layer(axum::middleware::from_fn(error::json_errors))
@@ -87,40 +95,40 @@ pub fn ops_router(state: AppState) -> Router {
         .merge(health::router())
         .merge(metrics::router())
         .split_for_parts();
-    router.with_state(state)
+    router.layer(request_timeout(&state)).with_state(state)
 }
 
 /// The OpenAPI document of [`router`].
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    documented_routes().split_for_parts().1
+    documented_routes(None).split_for_parts().1
 }
 
-fn documented_routes() -> OpenApiRouter<AppState> {
+/// The routes of [`router`]; `timeout` applies to all but the event streams (long-lived).
+fn documented_routes(timeout: Option<TimeoutLayer>) -> OpenApiRouter<AppState> {
+    let with_timeout = |r: OpenApiRouter<AppState>| match &timeout {
+        Some(t) => r.layer(*t),
+        None => r,
+    };
+    let api = with_timeout(
+        auth::router()
+            .merge(pipelines::router())
+            .merge(runs::router())
+            .merge(openapi::router()),
+    );
     OpenApiRouter::with_openapi(openapi::base())
-        .merge(health::router())
-        .merge(metrics::router())
-        .nest(
-            "/api",
-            auth::router()
-                .merge(pipelines::router())
-                .merge(runs::router())
-                .merge(events::router())
-                .merge(openapi::router()),
-        )
+        .merge(with_timeout(health::router().merge(metrics::router())))
+        .nest("/api", api.merge(events::router()))
 }
 
-/// Serves `app` on `listener` until `shutdown` is cancelled.
-pub async fn serve_router(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
-    Ok(())
+/// `[server] request_timeout`: 408 for a request not answered in time.
+fn request_timeout(state: &AppState) -> TimeoutLayer {
+    TimeoutLayer::with_status_code(
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        state.config.server.request_timeout,
+    )
 }
+
+pub use server::serve_router;
 
 /// Serves the full API on `listener` until `shutdown` is cancelled; open event streams end then.
 pub async fn serve(
@@ -134,5 +142,6 @@ pub async fn serve(
         stop_streams.cancelled().await;
         feed.stop();
     });
-    serve_router(listener, router(state), shutdown).await
+    let limits = state.config.server.clone();
+    serve_router(listener, router(state), limits, shutdown).await
 }

@@ -152,6 +152,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     crate::registry::register_config(&pool, &config, "demo", false).await?;
 
     let (token, token_path) = admin_token(&dir)?;
+    crate::api::check_token_strength(
+        &token_path.display().to_string(),
+        std::slice::from_ref(&token),
+    )?;
     let shutdown = CancellationToken::new();
     let mut service = tokio::spawn(serve_until(
         config.clone(),

@@ -918,7 +918,13 @@ async fn serve_until(
         .with_metrics(metrics.clone());
         state.cluster = None;
         let app = crate::api::ops_router(state);
-        roles.spawn(crate::api::serve_router(listener, app, shutdown.clone()));
+        let limits = config.server.clone();
+        roles.spawn(crate::api::serve_router(
+            listener,
+            app,
+            limits,
+            shutdown.clone(),
+        ));
     }
     if scheduler {
         let scheduler = Scheduler::new(pool.clone(), &config)?.with_metrics(metrics.clone());

@@ -22,6 +22,7 @@ use crate::transform::TransformConfig;
 use crate::validate::ValidateConfig;
 
 mod fingerprint;
+mod http_limits;
 
 pub use fingerprint::fingerprint;
 
@@ -68,6 +69,16 @@ pub struct ServerConfig {
     /// Event streams open at once with one token (each console tab may hold one).
     #[serde(default = "default_max_event_streams_per_token")]
     pub max_event_streams_per_token: usize,
+    /// Slow clients and connection floods: see [`http_limits`].
+    #[serde(default = "http_limits::header_timeout", deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    #[serde(
+        default = "http_limits::request_timeout",
+        deserialize_with = "duration"
+    )]
+    pub request_timeout: Duration,
+    #[serde(default = "http_limits::max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -78,6 +89,9 @@ impl Default for ServerConfig {
             db_connections: default_api_connections(),
             max_event_streams: default_max_event_streams(),
             max_event_streams_per_token: default_max_event_streams_per_token(),
+            header_timeout: http_limits::header_timeout(),
+            request_timeout: http_limits::request_timeout(),
+            max_connections: http_limits::max_connections(),
         }
     }
 }
@@ -853,6 +867,7 @@ fn check_retention(r: &RetentionConfig, line: Option<usize>, issues: &mut Vec<Co
 }
 
 fn check_server(s: &ServerConfig, line: Option<usize>, issues: &mut Vec<ConfigIssue>) {
+    http_limits::check(s, line, issues);
     if let Some(url) = &s.public_url {
         let ok = reqwest::Url::parse(url).is_ok_and(|u| {
             matches!(u.scheme(), "http" | "https")

@@ -51,6 +51,9 @@ pub struct Metrics {
     pub scheduler_ticks_total: IntCounterVec,
     /// Notification deliveries by webhook and outcome (delivered, retry, failed).
     pub notifications_total: IntCounterVec,
+    /// API requests refused for a wrong token (`wrong_token`) or from a locked-out address
+    /// (`locked_out`); requests with no token at all are not counted.
+    pub http_auth_failures_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -165,8 +168,21 @@ impl Metrics {
                     &["webhook", "outcome"],
                 ),
             ),
+            http_auth_failures_total: register(
+                &registry,
+                counter_vec(
+                    "crm_sync_http_auth_failures_total",
+                    "API requests refused for a wrong bearer token or from an address locked out after too many.",
+                    &["reason"],
+                ),
+            ),
             registry,
         };
+        for reason in ["wrong_token", "locked_out"] {
+            metrics
+                .http_auth_failures_total
+                .with_label_values(&[reason]);
+        }
         // Zero series exist from the start, so rates and alerts see them before the first tick.
         for outcome in ["enqueued", "skipped"] {
             metrics.scheduler_ticks_total.with_label_values(&[outcome]);
