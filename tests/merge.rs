@@ -237,8 +237,12 @@ async fn the_deletion_guard_and_key_validation_leave_the_table_unchanged() {
     let (status, out) = run(&db, &config).await;
     assert_eq!(status, "failed");
     let error = out["error"].as_str().unwrap_or_default().to_string();
+    // Named by a hash of the key and its rows (the repeat is the 101st row), not by the value.
+    let key = crm_sync::keys::KeyDisplay::new("accounts", false).parts(&[&json!("7")]);
     assert!(
-        error.contains("duplicate merge key store_id (e.g. 7)"),
+        error.contains(&format!(
+            "duplicate merge key store_id (e.g. {key} at rows 8, 101)"
+        )),
         "{error}"
     );
     assert_eq!(snapshot().await, before);
@@ -254,7 +258,7 @@ async fn the_deletion_guard_and_key_validation_leave_the_table_unchanged() {
     assert_eq!(status, "failed");
     let error = out["error"].as_str().unwrap_or_default().to_string();
     assert!(
-        error.contains("empty merge key store_id: 1 rows"),
+        error.contains("empty merge key store_id (row 101): 1 rows"),
         "{error}"
     );
     assert_eq!(snapshot().await, before);
