@@ -13,6 +13,7 @@
 //! - [`secrets`]: credentials from the environment or secret files, never from the config;
 //! - [`scheduler`]: cron ticks in time zones into runs, once per tick across replicas;
 //! - [`transform`], [`validate`], [`destinations`]: cast to the declared [`schema`], gate, load atomically;
+//! - [`keys`]: key values in errors and outputs shown as short hashes (`show_key_values` opts out);
 //! - [`history`]: read-side queries over runs, steps and attempts (the run log);
 //! - [`fixtures`]: stand-in EZ Focus and Qashier servers for tests and the demo;
 //! - [`bench`]: the project's own benchmark commands;
@@ -32,6 +33,7 @@ pub mod destinations;
 pub mod fixtures;
 pub mod gcp;
 pub mod history;
+pub mod keys;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::keys::KeyDisplay;
 use crate::pipeline::StepError;
 use crate::schema::ColumnSpec;
 
@@ -94,7 +95,8 @@ pub struct TransformStats {
     /// Rows a merge left out ([`KeyFilter`]): "empty KEY" / "duplicate KEY" -> count.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub skipped: BTreeMap<String, u64>,
-    /// The first few keys left out as duplicates (values joined with '+').
+    /// The first few rows left out, each as `key#<hash> at row N` (a repeated key, shown by
+    /// [`KeyDisplay`]) or `empty key at row N`; N counts the extract's records from 1.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped_keys: Vec<String>,
 }
@@ -105,57 +107,51 @@ pub struct TransformStats {
 /// take over the first). Memory: a 128-bit digest per distinct key, not the keys themselves.
 pub struct KeyFilter {
     columns: Vec<String>,
+    display: KeyDisplay,
     seen: HashSet<u128>,
+    /// Records offered so far.
+    records: u64,
 }
 
-/// How many skipped keys a transform output names.
+/// How many skipped rows a transform output names.
 const SKIPPED_KEYS_LISTED: usize = 10;
 
 impl KeyFilter {
-    pub fn new(columns: Vec<String>) -> Self {
+    pub fn new(columns: Vec<String>, display: KeyDisplay) -> Self {
         KeyFilter {
             columns,
+            display,
             seen: HashSet::new(),
+            records: 0,
         }
     }
 
     /// Whether `row` goes into the batch; a row left out is counted in `stats`.
     fn admit(&mut self, row: &Map<String, Value>, stats: &mut TransformStats) -> bool {
-        let Some(key) = merge_key(row, &self.columns) else {
-            *stats
-                .skipped
-                .entry(format!("empty {}", self.columns.join("+")))
-                .or_default() += 1;
-            return false;
+        self.records += 1;
+        let (reason, shown) = match merge_key(row, &self.columns) {
+            None => ("empty", "empty key".to_string()),
+            Some(key) => {
+                let digest = Sha256::digest(key.as_bytes());
+                let mut first = [0u8; 16];
+                first.copy_from_slice(&digest[..16]);
+                if self.seen.insert(u128::from_le_bytes(first)) {
+                    return true;
+                }
+                ("duplicate", self.display.row(row, &self.columns))
+            }
         };
-        let digest = Sha256::digest(key.as_bytes());
-        let mut first = [0u8; 16];
-        first.copy_from_slice(&digest[..16]);
-        if self.seen.insert(u128::from_le_bytes(first)) {
-            return true;
-        }
         *stats
             .skipped
-            .entry(format!("duplicate {}", self.columns.join("+")))
+            .entry(format!("{reason} {}", self.columns.join("+")))
             .or_default() += 1;
         if stats.skipped_keys.len() < SKIPPED_KEYS_LISTED {
-            stats.skipped_keys.push(key_display(row, &self.columns));
+            stats
+                .skipped_keys
+                .push(format!("{shown} at row {}", self.records));
         }
         false
     }
-}
-
-/// A key as people read it: the values joined with '+', null as `null`.
-pub fn key_display(row: &Map<String, Value>, columns: &[String]) -> String {
-    columns
-        .iter()
-        .map(|c| match row.get(c) {
-            None | Some(Value::Null) => "null".to_string(),
-            Some(Value::String(s)) => s.clone(),
-            Some(v) => v.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("+")
 }
 
 /// A row's merge key as a JSON array of its values (so null and "" stay apart, and a null part
@@ -577,7 +573,10 @@ columns = [
             {"store": null, "phone": "", "points": 6},
             {"store": "", "phone": null, "points": 7}
         ]"#;
-        let mut keys = KeyFilter::new(vec!["store".into(), "phone".into()]);
+        let mut keys = KeyFilter::new(
+            vec!["store".into(), "phone".into()],
+            KeyDisplay::new("t", true),
+        );
         let mut out = Vec::new();
         let at = Utc.with_ymd_and_hms(2024, 1, 2, 3, 4, 5).unwrap();
         let stats =
@@ -602,6 +601,15 @@ columns = [
                 ("empty store+phone".to_string(), 2)
             ])
         );
-        assert_eq!(stats.skipped_keys, vec!["A+1", "A+null", "A+null"]);
+        assert_eq!(
+            stats.skipped_keys,
+            vec![
+                "A+1 at row 2",
+                "A+null at row 4",
+                "A+null at row 5",
+                "empty key at row 6",
+                "empty key at row 7"
+            ]
+        );
     }
 }

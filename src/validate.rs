@@ -14,6 +14,7 @@ use std::io::BufRead;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::keys::{KeyDisplay, RowList};
 use crate::pipeline::StepError;
 
 /// `[pipelines.validate]`.
@@ -126,16 +127,20 @@ pub struct ValidationReport {
 }
 
 /// Streams the staging NDJSON (read twice when a unique check flags possible duplicates) and applies
-/// every check. `open` gives a fresh reader for each pass.
+/// every check. `open` gives a fresh reader for each pass. Keys are named as `keys` shows them, with
+/// their row numbers in the batch (from 1).
 pub fn validate<R: BufRead>(
     config: &ValidateConfig,
     previous_rows: Option<u64>,
     mut open: impl FnMut() -> std::io::Result<R>,
     expected_rows: u64,
+    keys: &KeyDisplay,
 ) -> Result<ValidationReport, StepError> {
     let read_error =
         |e: std::io::Error| StepError::retryable(format!("cannot read the staging object: {e}"));
     let mut violations: Vec<u64> = vec![0; config.checks.len()];
+    // Per check: the rows of empty merge keys.
+    let mut empty_rows: Vec<RowList> = vec![RowList::default(); config.checks.len()];
     let mut present: HashMap<&str, bool> = config
         .required
         .iter()
@@ -165,6 +170,7 @@ pub fn validate<R: BufRead>(
                     let key = key_for(&check.rule, row, &check.columns);
                     if key.is_none() && matches!(check.rule, Rule::MergeKey) {
                         violations[i] += 1;
+                        empty_rows[i].push(rows);
                     }
                     if let Some(key) = key
                         && let Some((bloom, suspects)) = filters[i].as_mut()
@@ -190,24 +196,26 @@ pub fn validate<R: BufRead>(
     }
 
     // Second pass, only for keys the filters flagged: exact counts.
-    // Per check: key -> (the key as shown, rows).
-    let mut duplicates: Vec<HashMap<String, (String, u64)>> =
+    // Per check: key -> (the key as shown, its rows).
+    let mut duplicates: Vec<HashMap<String, (String, RowList)>> =
         vec![HashMap::new(); config.checks.len()];
     if filters
         .iter()
         .flatten()
         .any(|(_, suspects)| !suspects.is_empty())
     {
+        let mut line = 0;
         for_each_row(open().map_err(read_error)?, |row| {
+            line += 1;
             for (i, check) in config.checks.iter().enumerate() {
                 if let Some((_, suspects)) = &filters[i]
                     && let Some(key) = key_for(&check.rule, row, &check.columns)
                     && suspects.contains(&key)
                 {
-                    let shown = duplicates[i]
+                    let (_, found) = duplicates[i]
                         .entry(key)
-                        .or_insert_with(|| (crate::transform::key_display(row, &check.columns), 0));
-                    shown.1 += 1;
+                        .or_insert_with(|| (keys.row(row, &check.columns), RowList::default()));
+                    found.push(line);
                 }
             }
         })?;
@@ -249,17 +257,23 @@ pub fn validate<R: BufRead>(
         ));
     }
     let duplicate_finding = |i: usize, check: &Check, what: &str| {
-        let dups: Vec<&(String, u64)> = duplicates[i].values().filter(|(_, n)| *n > 1).collect();
-        let extra: u64 = dups.iter().map(|(_, n)| *n - 1).sum();
-        let mut sample: Vec<&str> = dups.iter().map(|(k, _)| k.as_str()).collect();
-        sample.sort();
-        sample.truncate(5);
+        let mut dups: Vec<&(String, RowList)> = duplicates[i]
+            .values()
+            .filter(|(_, r)| r.total > 1)
+            .collect();
+        let extra: u64 = dups.iter().map(|(_, r)| r.total - 1).sum();
+        dups.sort_by_key(|(_, r)| r.listed.first().copied());
+        let sample: Vec<String> = dups
+            .iter()
+            .take(5)
+            .map(|(k, r)| format!("{k} at {}", r.describe()))
+            .collect();
         (
             extra,
             format!(
                 "duplicate {what}{} (e.g. {})",
                 check.columns.join("+"),
-                sample.join(", ")
+                sample.join("; ")
             ),
         )
     };
@@ -276,7 +290,11 @@ pub fn validate<R: BufRead>(
                 findings.push((
                     check,
                     violations[i],
-                    format!("empty merge key {}", check.columns.join("+")),
+                    format!(
+                        "empty merge key {} ({})",
+                        check.columns.join("+"),
+                        empty_rows[i].describe()
+                    ),
                 ));
             }
             Rule::NotNull => findings.push((
@@ -438,6 +456,7 @@ checks = [
             previous,
             || Ok(Cursor::new(rows.as_bytes().to_vec())),
             n,
+            &KeyDisplay::new("test", true),
         )
         .unwrap()
     }
@@ -450,7 +469,10 @@ checks = [
         let report = run(rows, Some(3));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert_eq!(report.warnings.get("prov not in [\"ON\"]"), Some(&1));
-        assert_eq!(report.warnings.get("duplicate id (e.g. 2)"), Some(&1));
+        assert_eq!(
+            report.warnings.get("duplicate id (e.g. 2 at rows 2, 3)"),
+            Some(&1)
+        );
     }
 
     #[test]
@@ -475,7 +497,10 @@ checks = [
         let report = run(&rows, None);
         assert_eq!(
             report.errors,
-            vec!["duplicate id (e.g. 0, 1, 2, 3, 4): 10 rows (at most 1 allowed)"]
+            vec![
+                "duplicate id (e.g. 0 at rows 1, 49991; 1 at rows 2, 49992; 2 at rows 3, 49993; \
+                 3 at rows 4, 49994; 4 at rows 5, 49995): 10 rows (at most 1 allowed)"
+            ]
         );
     }
 }

@@ -199,6 +199,38 @@ async fn successive_batches_insert_update_leave_alone_and_soft_delete_by_key() {
     assert_eq!(live, 100);
 }
 
+/// Keys the batch tells apart but the table's column type does not ("0123456789" and "123456789" in
+/// a bigint column): the load's own duplicate check refuses them, naming the key by its hash.
+#[tokio::test]
+async fn keys_equal_only_in_the_tables_type_are_refused_by_hash() {
+    let db = TestDb::new().await;
+    let src = source().await;
+    let backups = tempfile::tempdir().unwrap();
+    let config = db.config(&config(&src.base, backups.path(), "soft")).await;
+    sqlx::raw_sql(
+        "CREATE SCHEMA crm; CREATE TABLE crm.accounts (store_id bigint, store_name text, city text,
+                                                     batch_id text, load_timestamp timestamptz)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    *src.answer.lock().unwrap() = json!([
+        {"id": "0123456789", "name": "A", "city": "Hull"},
+        {"id": "123456789", "name": "B", "city": "Hull"},
+    ]);
+    let (status, out) = run(&db, &config).await;
+    assert_eq!(status, "failed");
+    let error = out["error"].as_str().unwrap_or_default().to_string();
+    let key = crm_sync::keys::KeyDisplay::new("accounts", false).parts(&[&json!("123456789")]);
+    assert!(
+        error.contains(&format!(
+            "duplicate merge keys in the batch (store_id): {key} (2 rows); nothing was changed"
+        )),
+        "{error}"
+    );
+    assert!(!error.contains("123456789"), "{error}");
+}
+
 #[tokio::test]
 async fn the_deletion_guard_and_key_validation_leave_the_table_unchanged() {
     let db = TestDb::new().await;
@@ -237,8 +269,12 @@ async fn the_deletion_guard_and_key_validation_leave_the_table_unchanged() {
     let (status, out) = run(&db, &config).await;
     assert_eq!(status, "failed");
     let error = out["error"].as_str().unwrap_or_default().to_string();
+    // Named by a hash of the key and its rows (the repeat is the 101st row), not by the value.
+    let key = crm_sync::keys::KeyDisplay::new("accounts", false).parts(&[&json!("7")]);
     assert!(
-        error.contains("duplicate merge key store_id (e.g. 7)"),
+        error.contains(&format!(
+            "duplicate merge key store_id (e.g. {key} at rows 8, 101)"
+        )),
         "{error}"
     );
     assert_eq!(snapshot().await, before);
@@ -254,7 +290,7 @@ async fn the_deletion_guard_and_key_validation_leave_the_table_unchanged() {
     assert_eq!(status, "failed");
     let error = out["error"].as_str().unwrap_or_default().to_string();
     assert!(
-        error.contains("empty merge key store_id: 1 rows"),
+        error.contains("empty merge key store_id (row 101): 1 rows"),
         "{error}"
     );
     assert_eq!(snapshot().await, before);

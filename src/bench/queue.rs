@@ -121,6 +121,7 @@ fn bench_config(config: &Config) -> Config {
         max_concurrent_runs: 0,
         catch_up: crate::scheduler::cron::CatchUp::Latest,
         freshness_sla: None,
+        show_key_values: false,
         source: SourceConfig::Noop(NoopConfig {
             sleep_ms: 0,
             fail_times: 0,

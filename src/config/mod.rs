@@ -323,6 +323,10 @@ pub struct PipelineConfig {
     /// A pipeline whose last success is older than this is reported stale.
     #[serde(default, deserialize_with = "optional_duration")]
     pub freshness_sla: Option<Duration>,
+    /// Key values in errors, outputs and webhooks as themselves, not as `key#<hash>` ([`crate::keys`]);
+    /// only for keys that are not personal data.
+    #[serde(default)]
+    pub show_key_values: bool,
     pub source: SourceConfig,
     /// Where raw extracts are kept (default: a local directory).
     #[serde(default)]

@@ -20,6 +20,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::io::AsyncBufReadExt;
 
 use super::{DeleteMode, MergeSettings, ledger};
+use crate::keys::{self, KeyDisplay};
 use crate::pipeline::{StepContext, StepDone, StepError};
 use crate::queue::{self, Lease};
 use crate::schema::ColumnType;
@@ -108,6 +109,8 @@ pub struct LoadSpec<'a> {
     pub columns: Columns<'a>,
     /// A merge by key; `None`: a full replace.
     pub merge: Option<MergeSettings>,
+    /// How errors name keys.
+    pub keys: KeyDisplay,
     /// The staging object (the transform's JSON lines) on local disk.
     pub staging: &'a std::path::Path,
     /// Rows the transform staged: a load that copies another number rolls back.
@@ -297,7 +300,7 @@ async fn write_batch(
             json!({ "table": target, "rows": copied, "batch_id": ctx.batch_id, "write": "replace" })
         }
         Some(m) => {
-            let c = merge_stage(tx, &target, columns, m, &ctx.batch_id).await?;
+            let c = merge_stage(tx, &target, columns, m, &spec.keys, &ctx.batch_id).await?;
             json!({
                 "table": target, "rows": copied, "batch_id": ctx.batch_id, "write": "merge",
                 "inserted": c.inserted, "updated": c.updated, "unchanged": c.unchanged,
@@ -417,6 +420,7 @@ async fn merge_stage(
     target: &str,
     columns: &Columns<'_>,
     m: &MergeSettings,
+    keys: &KeyDisplay,
     batch_id: &str,
 ) -> Result<MergeCounts, StepError> {
     let key_match = format!("{} = {}", key_array(&m.key, "s."), key_array(&m.key, "t."));
@@ -424,19 +428,7 @@ async fn merge_stage(
         "t.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM crm_sync_merge_stage s WHERE {key_match})"
     );
     // The validate step refuses duplicate keys; checked again here, where a duplicate would corrupt.
-    let keys = m.key.join(", ");
-    let duplicates: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT concat_ws('+', {keys}) FROM crm_sync_merge_stage GROUP BY {keys} HAVING count(*) > 1 LIMIT 5"
-    ))).persistent(false)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(load_error)?;
-    if !duplicates.is_empty() {
-        return Err(StepError::terminal(format!(
-            "duplicate merge keys in the batch ({keys}): {}; nothing was changed",
-            duplicates.join(", ")
-        )));
-    }
+    duplicate_keys(tx, m, keys).await?;
     // Planner statistics for the stage, so the joins below hash instead of looping.
     sqlx::query("ANALYZE crm_sync_merge_stage")
         .persistent(false)
@@ -527,6 +519,44 @@ async fn merge_stage(
     })
 }
 
+/// Fails when a key is on several rows of the stage, naming up to five keys as `keys` shows them
+/// (each part read back as text, so a key gets the hash the validate step gave it).
+async fn duplicate_keys(
+    tx: &mut PgConnection,
+    m: &MergeSettings,
+    keys: &KeyDisplay,
+) -> Result<(), StepError> {
+    let cols = m.key.join(", ");
+    let as_text = m
+        .key
+        .iter()
+        .map(|k| format!("{k}::text"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let duplicates: Vec<(Value, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT jsonb_build_array({as_text}), count(*) FROM crm_sync_merge_stage
+          GROUP BY {cols} HAVING count(*) > 1 ORDER BY 2 DESC LIMIT 5"
+    )))
+    .persistent(false)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(load_error)?;
+    if duplicates.is_empty() {
+        return Ok(());
+    }
+    let named: Vec<String> = duplicates
+        .iter()
+        .map(|(parts, n)| {
+            let parts: Vec<&Value> = parts.as_array().into_iter().flatten().collect();
+            format!("{} ({n} rows)", keys.parts(&parts))
+        })
+        .collect();
+    Err(StepError::terminal(format!(
+        "duplicate merge keys in the batch ({cols}): {}; nothing was changed",
+        named.join(", ")
+    )))
+}
+
 /// One CSV line for COPY: NULL as an empty unquoted field, text always quoted (so "" stays "").
 fn csv_row(row: &Map<String, Value>, names: &[&str], out: &mut Vec<u8>) {
     for (i, name) in names.iter().enumerate() {
@@ -551,13 +581,26 @@ fn csv_row(row: &Map<String, Value>, names: &[&str], out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
-/// Schema mismatches and bad values will not fix themselves; connection trouble might.
+/// Schema mismatches and bad values will not fix themselves; connection trouble might. A data error
+/// (SQLSTATE class 22) quotes the row's value: it is left out, the row and column kept.
 fn load_error(e: sqlx::Error) -> StepError {
-    let terminal = e
-        .as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("42"));
-    let message = format!("load into PostgreSQL failed: {e}");
+    let db = e.as_database_error();
+    let code = db.and_then(|d| d.code()).unwrap_or_default();
+    let terminal = ["22", "23", "42"].iter().any(|c| code.starts_with(c));
+    let message = match db {
+        Some(d) if code.starts_with("22") => {
+            let context = d
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .and_then(|p| p.r#where())
+                .map(|w| format!("; {}", keys::without_quoted_values(w)))
+                .unwrap_or_default();
+            format!(
+                "load into PostgreSQL failed: {} (SQLSTATE {code}{context}; the value is not shown)",
+                keys::without_quoted_values(d.message())
+            )
+        }
+        _ => format!("load into PostgreSQL failed: {e}"),
+    };
     if terminal {
         StepError::terminal(message)
     } else {

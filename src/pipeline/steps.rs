@@ -10,6 +10,7 @@ use super::{EXTRACT, StepContext, StepDone, StepError, TRANSFORM, VALIDATE};
 use crate::backup;
 use crate::config::{PipelineConfig, SourceConfig};
 use crate::destinations::{DestinationConfig, bigquery, postgres};
+use crate::keys::KeyDisplay;
 use crate::sources;
 use crate::transform::{self, TransformKind};
 use crate::validate::{self, ValidationReport};
@@ -104,7 +105,7 @@ pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<V
         .as_ref()
         .and_then(|d| d.merge())
         .filter(|m| m.skip_dirty_keys > 0)
-        .map(|m| transform::KeyFilter::new(m.key));
+        .map(|m| transform::KeyFilter::new(m.key, KeyDisplay::for_pipeline(pipeline)));
     let stats = tokio::task::spawn_blocking(move || {
         let input = std::fs::File::open(&raw).map_err(|e| {
             StepError::retryable(format!("cannot open the raw backup {}: {e}", raw.display()))
@@ -179,12 +180,14 @@ pub async fn validate(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Va
     let staging = staging_copy.path.clone();
     let rows = input(ctx, TRANSFORM, "rows")?.as_u64().unwrap_or(0);
     let previous = previous_rows(ctx).await?;
+    let keys = KeyDisplay::for_pipeline(pipeline);
     let report: ValidationReport = tokio::task::spawn_blocking(move || {
         validate::validate(
             &config,
             previous,
             || std::fs::File::open(&staging).map(|f| BufReader::with_capacity(256 * 1024, f)),
             rows,
+            &keys,
         )
     })
     .await
@@ -201,7 +204,7 @@ pub async fn validate(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Va
         let named = if skipped_keys.is_empty() {
             String::new()
         } else {
-            format!(" (duplicates e.g. {})", skipped_keys.join(", "))
+            format!(" (e.g. {})", skipped_keys.join(", "))
         };
         if total_skipped > m.skip_dirty_keys {
             report.errors.push(format!(
@@ -252,6 +255,7 @@ pub async fn load(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<StepDo
                     timestamp: &transform.timestamp_column,
                 },
                 merge: pipeline.destination.as_ref().and_then(|d| d.merge()),
+                keys: KeyDisplay::for_pipeline(pipeline),
                 staging: &staging.path,
                 expected_rows: rows,
             };
