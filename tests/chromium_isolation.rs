@@ -243,14 +243,14 @@ async fn an_export_listens_on_no_tcp_port_and_keeps_its_files_private() {
     );
     for (pid, s) in &w.seen {
         assert!(
-            !s.cmdline.contains("--remote-debugging-port"),
-            "{pid}: {}",
-            s.cmdline
-        );
-        assert!(
             s.listening.is_empty(),
             "process {pid} listened on {:?}: {}",
             s.listening,
+            s.cmdline
+        );
+        assert!(
+            !s.cmdline.contains("--remote-debugging-port"),
+            "{pid}: {}",
             s.cmdline
         );
     }
