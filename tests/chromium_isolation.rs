@@ -343,18 +343,14 @@ async fn a_required_sandbox_that_cannot_run_fails_with_the_reason_and_the_fix() 
     assert!(browser_pids(&work).is_empty());
 }
 
-/// Set in the environment of the copy of this test binary that runs as an ordinary user.
+/// Set in the environment of the copy of this test binary that runs as an ordinary user:
+/// `sandbox` or `fallback`, the case it checks.
 const AS_USER: &str = "CRM_SYNC_TEST_SANDBOX_AS_USER";
 
-/// As an ordinary user the sandbox is on by default: the export runs in a copy of this binary as
-/// `nobody` (see `sandboxed_export_as_an_ordinary_user`), and its browser has no `--no-sandbox`
-/// and sandboxed renderers.
-#[tokio::test]
-async fn as_an_ordinary_user_the_export_runs_sandboxed() {
-    if !is_root() {
-        eprintln!("not root: cannot switch to another user (the other tests cover this case)");
-        return;
-    }
+/// Runs `as_an_ordinary_user` of a copy of this test binary as `nobody` (uid 65534) with
+/// `AS_USER=case`, directly or under `wrapper` (a shell script given the command as "$@");
+/// returns its stderr once it has passed.
+async fn run_as_nobody(case: &str, wrapper: Option<&str>) -> String {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let exe = dir.path().join("test-binary");
@@ -363,76 +359,153 @@ async fn as_an_ordinary_user_the_export_runs_sandboxed() {
     let home = dir.path().join("home");
     std::fs::create_dir(&home).unwrap();
     std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
-    let out = tokio::process::Command::new(&exe)
-        .args([
-            "--exact",
-            "sandboxed_export_as_an_ordinary_user",
-            "--nocapture",
-        ])
-        .env(AS_USER, "1")
+    let args = ["--exact", "as_an_ordinary_user", "--nocapture"];
+    let mut cmd = match wrapper {
+        Some(script) => {
+            let mut cmd = tokio::process::Command::new("sh");
+            cmd.arg("-c").arg(script).arg("sh").arg(&exe).args(args);
+            cmd
+        }
+        None => {
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.args(args).uid(65534).gid(65534);
+            cmd
+        }
+    };
+    let out = cmd
+        .env(AS_USER, case)
         .env("HOME", &home)
         .env("TMPDIR", &home)
-        .uid(65534)
-        .gid(65534)
         .kill_on_drop(true)
         .output()
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success() && stdout.contains("1 passed"),
         "{}\n{stdout}\n{stderr}",
         out.status
     );
-    assert!(stderr.contains("sandboxed export ok"), "{stderr}");
+    assert!(stderr.contains(&format!("{case} case ok")), "{stderr}");
+    stderr
 }
 
-/// The half of `as_an_ordinary_user_the_export_runs_sandboxed` that runs as `nobody`; does
-/// nothing in an ordinary test run.
+/// Runs "$@" as uid/gid 65534 in a new user namespace whose own limit on user namespaces is 0
+/// (the machine's stays as it is), as on a host or container that forbids them: the new
+/// namespace maps ids 0-65535 onto the same ids outside (written from outside, as root), its
+/// root sets the limit, then drops to `nobody`.
+const NO_USER_NAMESPACES: &str = r#"
+unshare -U sh -c 'while [ -z "$(cat /proc/self/uid_map)" ]; do sleep 0.02; done
+  exec sh -c "echo 0 > /proc/sys/user/max_user_namespaces && exec setpriv --reuid=65534 --regid=65534 --clear-groups \"\$@\"" sh "$@"' sh "$@" &
+pid=$!
+sleep 0.1
+echo "0 0 65536" > /proc/$pid/gid_map
+echo "0 0 65536" > /proc/$pid/uid_map
+wait $pid
+"#;
+
+/// As an ordinary user the sandbox is on by default: the export runs in a copy of this binary as
+/// `nobody` (see `as_an_ordinary_user`), its browser has no `--no-sandbox` and its renderers
+/// run in user namespaces of their own.
 #[tokio::test]
-async fn sandboxed_export_as_an_ordinary_user() {
-    if std::env::var_os(AS_USER).is_none() {
+async fn as_an_ordinary_user_the_export_runs_sandboxed() {
+    if !is_root() {
+        eprintln!("not root: cannot switch to another user (the other tests cover this case)");
         return;
     }
+    run_as_nobody("sandbox", None).await;
+}
+
+/// Where user namespaces are forbidden, Chromium finds no usable sandbox: the first launch fails,
+/// the export goes on without the sandbox and says why, and later exports start without it.
+#[tokio::test]
+async fn without_user_namespaces_the_export_goes_on_unsandboxed_and_says_why() {
+    if !is_root() {
+        eprintln!("not root: cannot set up a user namespace without user namespaces");
+        return;
+    }
+    run_as_nobody("fallback", Some(NO_USER_NAMESPACES)).await;
+}
+
+/// The half of the two tests above that runs as `nobody`; does nothing in an ordinary test run.
+#[tokio::test]
+async fn as_an_ordinary_user() {
+    let Some(case) = std::env::var(AS_USER).ok() else {
+        return;
+    };
     assert!(!is_root());
     let dir = tempfile::tempdir().unwrap();
     let (_fixture, cfg, work) = setup(dir.path()).await;
     let w = watched_export(&cfg, &work).await;
-    w.result.expect("sandboxed export");
-    assert!(
-        w.logs
-            .lines()
-            .any(|l| l.contains(" INFO ") && l.contains("chromium sandbox on")),
-        "{}",
-        w.logs
-    );
+    w.result.expect("export");
     let browser = w
         .seen
         .values()
         .find(|s| !s.cmdline.contains("--type="))
         .expect("the browser process");
-    assert!(
-        !browser.cmdline.contains("--no-sandbox"),
-        "{}",
-        browser.cmdline
-    );
-    // Renderers run inside the sandbox: a user namespace of their own.
-    let renderers: Vec<&Seen> = w
-        .seen
-        .values()
-        .filter(|s| s.cmdline.contains("--type=renderer"))
-        .collect();
-    assert!(!renderers.is_empty(), "{:#?}", w.seen);
-    let ours = user_namespace("self");
-    for r in &renderers {
-        assert!(
-            !r.userns.is_empty() && r.userns != ours,
-            "renderer in our user namespace {ours}: {r:#?}"
-        );
-    }
     for (pid, s) in &w.seen {
         assert!(s.listening.is_empty(), "{pid}: {:?}", s.listening);
     }
-    eprintln!("sandboxed export ok in {:?}", w.elapsed);
+    if case == "sandbox" {
+        assert!(
+            w.logs
+                .lines()
+                .any(|l| l.contains(" INFO ") && l.contains("chromium sandbox on")),
+            "{}",
+            w.logs
+        );
+        assert!(
+            !browser.cmdline.contains("--no-sandbox"),
+            "{}",
+            browser.cmdline
+        );
+        // Renderers run inside the sandbox: a user namespace of their own.
+        let renderers: Vec<&Seen> = w
+            .seen
+            .values()
+            .filter(|s| s.cmdline.contains("--type=renderer"))
+            .collect();
+        assert!(!renderers.is_empty(), "{:#?}", w.seen);
+        let ours = user_namespace("self");
+        for r in &renderers {
+            assert!(
+                !r.userns.is_empty() && r.userns != ours,
+                "renderer in our user namespace {ours}: {r:#?}"
+            );
+        }
+    } else {
+        let warned = |logs: &str, reason: &str| {
+            logs.lines().any(|l| {
+                l.contains(" WARN ") && l.contains("chromium sandbox off") && l.contains(reason)
+            })
+        };
+        assert!(
+            warned(
+                &w.logs,
+                "Chromium found no usable sandbox (No usable sandbox!"
+            ),
+            "{}",
+            w.logs
+        );
+        // The second launch (the first, sandboxed, exited at once).
+        assert!(
+            w.seen
+                .values()
+                .any(|s| !s.cmdline.contains("--type=") && s.cmdline.contains("--no-sandbox")),
+            "{:#?}",
+            w.seen
+        );
+        // The next export starts without it at once (one launch, one line).
+        let again = watched_export(&cfg, &dir.path().join("again")).await;
+        again.result.expect("second export");
+        assert!(
+            warned(&again.logs, "an earlier launch found no usable sandbox"),
+            "{}",
+            again.logs
+        );
+        let launches = again.logs.matches("chromium sandbox").count();
+        assert_eq!(launches, 1, "{}", again.logs);
+    }
+    eprintln!("{case} case ok in {:?}", w.elapsed);
 }
