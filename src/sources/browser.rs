@@ -1,7 +1,9 @@
 //! `browser_export` source: drives a back office that has no API (Qashier) with headless
 //! Chromium and captures the CSV it downloads.
 //!
-//! Flow: launch a private Chromium (fresh user-data dir, own process group) → open `login_url`
+//! Flow: launch a private Chromium (fresh user-data dir, own process group, CDP over
+//! `--remote-debugging-pipe`: no TCP port; sandboxed unless the platform or `sandbox = false`
+//! rules it out, see [`chromium`]) → open `login_url`
 //! → fill the inputs found *by their label text* → click the Login button (found by its visible
 //! text) → wait until the login form goes away (or an alert rejects the login) → poll the DOM until
 //! the Export button appears (hash-routed app: no navigation event is relied on) → click Export,
@@ -14,47 +16,37 @@
 //! - the browser is always reaped: on success and on error it is killed (the whole process group)
 //!   and waited for; if the future is dropped mid-flight (cancellation, panic), `Drop` kills the
 //!   group and reaps it; the profile and download staging directories (inside `work_dir`) are
-//!   removed;
+//!   removed; the work dir, profile and staging dirs are 0700 and the download 0600;
 //! - a failed or interrupted download never leaves a file at `work_dir/<download_name>`;
-//! - credentials travel only in CDP `Input.insertText` messages; the CDP connection's own tracing
-//!   (which logs every message at TRACE) is silenced, and error texts read from the page are
-//!   redacted, so they appear in no log or error.
+//! - credentials travel only in CDP `Input.insertText` messages over the private pipe; no CDP
+//!   message is ever logged, and error texts read from the page are redacted, so they appear in
+//!   no log or error.
 //!
 //! Errors carry a class ([`ErrorClass::Retryable`] or [`ErrorClass::Terminal`]) and, when the
 //! page was open, a PNG screenshot taken at the moment of failure.
 
-use std::collections::{HashMap, VecDeque};
+mod cdp;
+mod chromium;
+
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chromiumoxide::Page;
-use chromiumoxide::browser::Browser;
 use chromiumoxide::cdp::browser_protocol::browser::{
     DownloadProgressState, EventDownloadProgress, EventDownloadWillBegin,
     SetDownloadBehaviorBehavior, SetDownloadBehaviorParams,
 };
 use chromiumoxide::cdp::browser_protocol::input::InsertTextParams;
-use chromiumoxide::cdp::browser_protocol::page::CaptureScreenshotFormat;
-use chromiumoxide::cdp::js_protocol::runtime::{CallArgument, CallFunctionOnParams};
-use chromiumoxide::error::CdpError;
-use chromiumoxide::handler::HandlerConfig;
-use chromiumoxide::handler::viewport::Viewport;
-use chromiumoxide::layout::Point;
-use chromiumoxide::page::ScreenshotParams;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::instrument::WithSubscriber;
 
+use self::cdp::{CdpError, Tab};
+use self::chromium::Chromium;
 use crate::secrets::SecretRef;
 
 // ---------------------------------------------------------------------------------------------
@@ -92,6 +84,11 @@ pub struct BrowserExportConfig {
     /// Chromium executable; default `$CHROMIUM`, `/usr/bin/chromium`, or `chromium` on `PATH`.
     #[serde(default)]
     pub chromium: Option<PathBuf>,
+    /// Chromium's sandbox: unset = on unless crm-sync runs as root or Chromium finds no usable
+    /// sandbox (the reason is logged); `true` = required (the export fails if it cannot be
+    /// had); `false` = off.
+    #[serde(default)]
+    pub sandbox: Option<bool>,
     /// Bound on opening the login page, on finding the form, and on the login itself.
     #[serde(
         default = "defaults::login_timeout",
@@ -159,6 +156,7 @@ impl BrowserExportConfig {
             confirm_button: defaults::confirm_button(),
             download_name: defaults::download_name(),
             chromium: None,
+            sandbox: None,
             login_timeout: defaults::login_timeout(),
             export_timeout: defaults::export_timeout(),
             download_timeout: defaults::download_timeout(),
@@ -282,14 +280,14 @@ pub enum BrowserError {
 }
 
 impl BrowserError {
-    fn retryable(message: impl Into<String>) -> Self {
+    pub(crate) fn retryable(message: impl Into<String>) -> Self {
         BrowserError::Retryable {
             message: message.into(),
             screenshot: None,
         }
     }
 
-    fn terminal(message: impl Into<String>) -> Self {
+    pub(crate) fn terminal(message: impl Into<String>) -> Self {
         BrowserError::Terminal {
             message: message.into(),
             screenshot: None,
@@ -358,44 +356,12 @@ impl fmt::Debug for BrowserError {
 // Tunables that are not in the config
 // ---------------------------------------------------------------------------------------------
 
-/// Bound on Chromium printing its DevTools address and accepting the CDP connection.
-const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on single CDP commands outside the configured waits (new page, download behaviour).
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on taking the failure screenshot.
 const SCREENSHOT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the DOM is polled while waiting for something to appear.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// How long `shutdown` waits for the killed browser to be reaped.
-const REAP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Lines of Chromium's stderr kept for error messages.
-const STDERR_TAIL_LINES: usize = 20;
-
-/// Flags for an unattended, hermetic headless run (the launcher script /usr/bin/chromium adds
-/// Debian's own flags from /etc/chromium.d on top).
-const CHROMIUM_FLAGS: &[&str] = &[
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-extensions",
-    "--disable-default-apps",
-    "--disable-breakpad",
-    "--no-first-run",
-    "--no-default-browser-check",
-    "--disable-quic",
-    "--disable-features=HttpsUpgrades,HttpsFirstBalancedModeAutoEnable,Translate,MediaRouter",
-    "--password-store=basic",
-    "--use-mock-keychain",
-    "--mute-audio",
-    "--hide-scrollbars",
-    "--window-size=1280,900",
-    "--remote-debugging-address=127.0.0.1",
-    "--remote-debugging-port=0",
-];
 
 // ---------------------------------------------------------------------------------------------
 // Entry point
@@ -430,7 +396,7 @@ pub async fn export(
         ));
     }
     let exe = cfg.chromium_path().map_err(BrowserError::terminal)?;
-    tokio::fs::create_dir_all(work_dir).await.map_err(|e| {
+    chromium::create_private_dir(work_dir).map_err(|e| {
         BrowserError::retryable(format!(
             "cannot create work dir {}: {e}",
             work_dir.display()
@@ -440,14 +406,14 @@ pub async fn export(
         .map_err(|e| BrowserError::retryable(format!("work dir {}: {e}", work_dir.display())))?;
 
     let started = Instant::now();
-    let mut session = Session::launch(&exe, &work_dir).await?;
+    let mut chromium = Chromium::launch(&exe, &work_dir, cfg.sandbox).await?;
     tracing::info!(
-        pid = session.pid,
+        pid = chromium.pid,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "browser_export: chromium started"
     );
-    let result = session.run(cfg, &creds, &work_dir).await;
-    session.shutdown().await;
+    let result = run(&chromium, cfg, &creds, &work_dir).await;
+    chromium.shutdown().await;
     let result = result.map_err(|e| {
         // Belt and braces: the page could echo what was typed.
         let message = creds.redact(e.message());
@@ -504,407 +470,97 @@ impl fmt::Debug for Credentials {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The browser session: process, CDP connection, scratch directories
+// One export in a launched browser
 // ---------------------------------------------------------------------------------------------
 
-/// One Chromium process (in its own process group) plus its CDP connection. Dropping it kills
-/// the whole group, reaps the leader and removes the profile and staging directories.
-struct Session {
-    browser: Option<Browser>,
-    child: Option<Child>,
-    pid: i32,
-    tasks: Vec<JoinHandle<()>>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
-    // Declared last: removed after the process is dead (fields drop after `Drop::drop`).
-    downloads: ScratchDir,
-    profile: ScratchDir,
-}
+/// Log in, export and move the download into `work_dir` (0600).
+async fn run(
+    chromium: &Chromium,
+    cfg: &BrowserExportConfig,
+    creds: &Credentials,
+    work_dir: &Path,
+) -> Result<Downloaded, BrowserError> {
+    let cdp = chromium
+        .cdp
+        .as_ref()
+        .ok_or_else(|| BrowserError::retryable("browser not connected"))?;
+    // Subscribed first: no download event can be missed.
+    let mut events = cdp.subscribe();
+    let page = step("opening a tab", cdp.open_tab(1280, 900)).await?;
 
-impl Session {
-    async fn launch(exe: &Path, work_dir: &Path) -> Result<Session, BrowserError> {
-        let io_err = |what: &str, e: std::io::Error| {
-            BrowserError::retryable(format!(
-                "cannot create {what} in {}: {e}",
-                work_dir.display()
-            ))
-        };
-        let profile = ScratchDir::create(work_dir, ".chromium-profile-")
-            .map_err(|e| io_err("the Chromium profile dir", e))?;
-        let downloads = ScratchDir::create(work_dir, ".chromium-download-")
-            .map_err(|e| io_err("the download staging dir", e))?;
-        let xdg_config = profile.path.join("xdg-config");
-        let xdg_cache = profile.path.join("xdg-cache");
-
-        let mut cmd = Command::new(exe);
-        cmd.args(CHROMIUM_FLAGS)
-            .arg(format!("--user-data-dir={}", profile.path.display()))
-            .arg("about:blank")
-            // Keeps crashpad's database and caches inside the run's profile, not in ~/.config.
-            .env("XDG_CONFIG_HOME", &xdg_config)
-            .env("XDG_CACHE_HOME", &xdg_cache)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| {
-            let msg = format!("cannot start Chromium {}: {e}", exe.display());
-            if e.kind() == std::io::ErrorKind::NotFound
-                || e.kind() == std::io::ErrorKind::PermissionDenied
-            {
-                BrowserError::terminal(msg)
+    // Downloads: saved under their GUID in the staging dir, with progress events.
+    let behavior = SetDownloadBehaviorParams::builder()
+        .behavior(SetDownloadBehaviorBehavior::AllowAndName)
+        .download_path(chromium.downloads.path.to_string_lossy().into_owned())
+        .events_enabled(true)
+        .build()
+        .map_err(BrowserError::retryable)?;
+    step("enabling downloads", cdp.call(None, behavior)).await?;
+    let downloads =
+        futures::stream::poll_fn(move |cx| events.poll_recv(cx)).filter_map(|event| async move {
+            if let Some(b) = event.parse::<EventDownloadWillBegin>(None) {
+                Some(DownloadEvent::Begin(b))
             } else {
-                BrowserError::retryable(msg)
+                event
+                    .parse::<EventDownloadProgress>(None)
+                    .map(DownloadEvent::Progress)
             }
-        })?;
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
-        let stderr = child.stderr.take();
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-        let mut session = Session {
-            browser: None,
-            child: Some(child),
-            pid,
-            tasks: Vec::new(),
-            stderr_tail: stderr_tail.clone(),
-            downloads,
-            profile,
-        };
+        });
+    let mut downloads = std::pin::pin!(downloads);
 
-        // Read stderr for the DevTools address, then keep draining it (a full pipe would block
-        // Chromium) into a short tail for error messages.
-        let (ws_tx, ws_rx) = tokio::sync::oneshot::channel::<String>();
-        if let Some(stderr) = stderr {
-            session.tasks.push(tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                let mut ws_tx = Some(ws_tx);
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if let Some(url) = line.trim().strip_prefix("DevTools listening on ") {
-                        if let Some(tx) = ws_tx.take() {
-                            let _ = tx.send(url.to_string());
-                        }
-                        continue;
-                    }
-                    // D-Bus complaints are noise in a container.
-                    if line.trim().is_empty() || line.contains("dbus") {
-                        continue;
-                    }
-                    let mut tail = stderr_tail.lock().unwrap_or_else(|p| p.into_inner());
-                    if tail.len() == STDERR_TAIL_LINES {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line);
-                }
-            }));
-        }
-        let ws_url = match tokio::time::timeout(LAUNCH_TIMEOUT, ws_rx).await {
-            Ok(Ok(url)) => url,
-            Ok(Err(_)) => {
-                // stderr closed without the address: Chromium exited.
-                let status = match session.child.as_mut() {
-                    Some(c) => tokio::time::timeout(Duration::from_secs(2), c.wait())
-                        .await
-                        .ok()
-                        .and_then(|r| r.ok()),
-                    None => None,
-                };
-                if status.is_some() {
-                    session.child = None;
-                }
-                let msg = format!(
-                    "Chromium exited during start-up ({}){}",
-                    status.map_or_else(|| "status unknown".to_string(), |s| s.to_string()),
-                    session.stderr_summary()
-                );
-                session.shutdown().await;
-                return Err(BrowserError::retryable(msg));
-            }
-            Err(_) => {
-                let msg = format!(
-                    "Chromium did not open its DevTools endpoint within {}{}",
-                    humantime::format_duration(LAUNCH_TIMEOUT),
-                    session.stderr_summary()
-                );
-                session.shutdown().await;
-                return Err(BrowserError::retryable(msg));
-            }
-        };
+    let flow = Flow { page: &page, cfg };
+    flow.login(creds).await?;
+    flow.click_export_and_confirm().await?;
+    let (guid, done, suggested) = flow.await_download(&mut downloads).await?;
 
-        let handler_cfg = HandlerConfig {
-            viewport: Some(Viewport {
-                width: 1280,
-                height: 900,
-                ..Viewport::default()
-            }),
-            request_timeout: STEP_TIMEOUT,
-            ..HandlerConfig::default()
-        };
-        let connected = tokio::time::timeout(
-            LAUNCH_TIMEOUT,
-            Browser::connect_with_config(ws_url, handler_cfg),
-        )
-        .await;
-        let (browser, mut handler) = match connected {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => {
-                session.shutdown().await;
-                return Err(BrowserError::retryable(format!(
-                    "cannot connect to Chromium's DevTools endpoint: {e}"
-                )));
-            }
-            Err(_) => {
-                session.shutdown().await;
-                return Err(BrowserError::retryable(format!(
-                    "connecting to Chromium's DevTools endpoint took more than {}",
-                    humantime::format_duration(LAUNCH_TIMEOUT)
-                )));
-            }
-        };
-        // The handler must be polled for the browser's whole life. chromiumoxide traces every
-        // CDP message (typed credentials, the login POST body) at TRACE: run it with no
-        // subscriber so none of that can reach the service's logs.
-        session.tasks.push(tokio::spawn(
-            async move {
-                while let Some(event) = handler.next().await {
-                    if event.is_err() {
-                        // A connection error: the browser is gone (or going).
-                        break;
-                    }
-                }
-            }
-            .with_subscriber(tracing::subscriber::NoSubscriber::default()),
-        ));
-        session.browser = Some(browser);
-        tracing::debug!(
-            pid,
-            profile = %session.profile.path.display(),
-            "browser_export: connected to chromium"
-        );
-        Ok(session)
-    }
-
-    fn stderr_summary(&self) -> String {
-        let tail = self.stderr_tail.lock().unwrap_or_else(|p| p.into_inner());
-        if tail.is_empty() {
-            String::new()
-        } else {
-            let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
-            format!("; stderr: {}", lines.join(" | "))
-        }
-    }
-
-    /// Kill the process group and reap the leader (bounded). Idempotent.
-    async fn shutdown(&mut self) {
-        // Dropping the Browser only closes channels; the process is ours to kill.
-        self.browser = None;
-        if let Some(mut child) = self.child.take() {
-            kill_group(self.pid);
-            let _ = child.start_kill();
-            kill_stragglers(&self.profile.path);
-            if tokio::time::timeout(REAP_TIMEOUT, child.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    pid = self.pid,
-                    "browser_export: chromium not reaped after SIGKILL; left to the runtime"
-                );
-            }
-        }
-        for task in self.tasks.drain(..) {
-            task.abort();
-        }
-    }
-
-    async fn run(
-        &mut self,
-        cfg: &BrowserExportConfig,
-        creds: &Credentials,
-        work_dir: &Path,
-    ) -> Result<Downloaded, BrowserError> {
-        let browser = self
-            .browser
-            .as_ref()
-            .ok_or_else(|| BrowserError::retryable("browser not connected"))?;
-        let page = step("opening a tab", browser.new_page("about:blank")).await?;
-
-        // Downloads: saved under their GUID in the staging dir, with progress events.
-        let behavior = SetDownloadBehaviorParams::builder()
-            .behavior(SetDownloadBehaviorBehavior::AllowAndName)
-            .download_path(self.downloads.path.to_string_lossy().into_owned())
-            .events_enabled(true)
-            .build()
-            .map_err(BrowserError::retryable)?;
-        step("enabling downloads", browser.execute(behavior)).await?;
-        let begins = step(
-            "subscribing to download events",
-            browser.event_listener::<EventDownloadWillBegin>(),
-        )
-        .await?;
-        let progress = step(
-            "subscribing to download events",
-            browser.event_listener::<EventDownloadProgress>(),
-        )
-        .await?;
-        let mut downloads = futures::stream::select(
-            begins.map(|e| DownloadEvent::Begin((*e).clone())),
-            progress.map(|e| DownloadEvent::Progress((*e).clone())),
-        );
-
-        let flow = Flow { page: &page, cfg };
-        flow.login(creds).await?;
-        flow.click_export_and_confirm().await?;
-        let (guid, done, suggested) = flow.await_download(&mut downloads).await?;
-
-        // Check the file, then move it into place.
-        let staged = match &done.file_path {
-            Some(p) if Path::new(p).is_file() => PathBuf::from(p),
-            _ => self.downloads.path.join(&guid),
-        };
-        let len = tokio::fs::metadata(&staged)
-            .await
-            .map_err(|e| {
-                BrowserError::retryable(format!(
-                    "Chromium reported the download complete but the file is missing: {e}"
-                ))
-            })?
-            .len();
-        let received = done.received_bytes as u64;
-        let total = done.total_bytes as u64;
-        if len != received || (total > 0 && len != total) {
-            return Err(flow
-                .fail(BrowserError::retryable(format!(
-                    "incomplete download of {suggested:?}: {len} bytes on disk, \
-                     {received} received, {total} announced"
-                )))
-                .await);
-        }
-        if suggested != cfg.download_name {
-            tracing::warn!(
-                suggested = %suggested,
-                expected = %cfg.download_name,
-                "browser_export: the site suggested another file name; saving under the configured one"
-            );
-        }
-        let dest = work_dir.join(&cfg.download_name);
-        tokio::fs::rename(&staged, &dest).await.map_err(|e| {
-            BrowserError::retryable(format!(
-                "cannot move the download to {}: {e}",
-                dest.display()
-            ))
-        })?;
-        Ok(Downloaded {
-            path: dest,
-            suggested_name: suggested,
-            bytes: len,
-        })
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        // Reached with a live child only when the export future was dropped mid-flight.
-        self.browser = None;
-        if let Some(mut child) = self.child.take() {
-            kill_group(self.pid);
-            let _ = child.start_kill();
-            kill_stragglers(&self.profile.path);
-            // Reap synchronously (briefly) so the profile can be removed below; tokio's
-            // kill_on_drop/orphan reaping covers the rest.
-            let until = std::time::Instant::now() + Duration::from_secs(2);
-            while std::time::Instant::now() < until {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        }
-        for task in self.tasks.drain(..) {
-            task.abort();
-        }
-    }
-}
-
-/// SIGKILL the process group `pgid` (the leader is not reaped yet, so the id cannot have been
-/// reused).
-fn kill_group(pgid: i32) {
-    if pgid > 1 {
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
-    }
-}
-
-/// SIGKILL any other process whose command line names `profile`: Chromium's crashpad handlers
-/// run in their own session (outside the process group); they normally exit with the browser.
-/// Linux only (reads /proc); elsewhere a no-op.
-fn kill_stragglers(profile: &Path) {
-    let needle = profile.as_os_str().as_encoded_bytes();
-    if needle.is_empty() {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
+    // Check the file, then move it into place.
+    let staged = match &done.file_path {
+        Some(p) if Path::new(p).is_file() => PathBuf::from(p),
+        _ => chromium.downloads.path.join(&guid),
     };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        if pid > 1 && cmdline.windows(needle.len()).any(|w| w == needle) {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
+    let len = tokio::fs::metadata(&staged)
+        .await
+        .map_err(|e| {
+            BrowserError::retryable(format!(
+                "Chromium reported the download complete but the file is missing: {e}"
+            ))
+        })?
+        .len();
+    let received = done.received_bytes as u64;
+    let total = done.total_bytes as u64;
+    if len != received || (total > 0 && len != total) {
+        return Err(flow
+            .fail(BrowserError::retryable(format!(
+                "incomplete download of {suggested:?}: {len} bytes on disk, \
+                 {received} received, {total} announced"
+            )))
+            .await);
     }
-}
-
-/// A directory created fresh inside `work_dir`, removed (recursively) on drop.
-struct ScratchDir {
-    path: PathBuf,
-}
-
-impl ScratchDir {
-    fn create(parent: &Path, prefix: &str) -> std::io::Result<ScratchDir> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        loop {
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0);
-            let path = parent.join(format!("{prefix}{}-{n}-{nanos:08x}", std::process::id()));
-            match std::fs::create_dir(&path) {
-                Ok(()) => return Ok(ScratchDir { path }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
-            }
-        }
+    if suggested != cfg.download_name {
+        tracing::warn!(
+            suggested = %suggested,
+            expected = %cfg.download_name,
+            "browser_export: the site suggested another file name; saving under the configured one"
+        );
     }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        // A killed process may still be finishing a write: retry briefly.
-        for attempt in 0..5 {
-            match std::fs::remove_dir_all(&self.path) {
-                Ok(()) => return,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-                Err(e) if attempt == 4 => {
-                    tracing::warn!(path = %self.path.display(), error = %e,
-                        "browser_export: cannot remove scratch dir");
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    }
+    let dest = work_dir.join(&cfg.download_name);
+    // Private before it is visible under its final name (Chromium makes downloads 0644).
+    let private = std::fs::Permissions::from_mode(0o600);
+    let moved = match tokio::fs::set_permissions(&staged, private).await {
+        Ok(()) => tokio::fs::rename(&staged, &dest).await,
+        Err(e) => Err(e),
+    };
+    moved.map_err(|e| {
+        BrowserError::retryable(format!(
+            "cannot move the download to {}: {e}",
+            dest.display()
+        ))
+    })?;
+    Ok(Downloaded {
+        path: dest,
+        suggested_name: suggested,
+        bytes: len,
+    })
 }
 
 /// Bound a CDP call by [`STEP_TIMEOUT`]; failures are retryable.
@@ -1004,7 +660,7 @@ struct FormState {
 }
 
 struct Flow<'a> {
-    page: &'a Page,
+    page: &'a Tab<'a>,
     cfg: &'a BrowserExportConfig,
 }
 
@@ -1015,14 +671,13 @@ impl Flow<'_> {
         body: &str,
         args: &[serde_json::Value],
     ) -> Result<T, CdpError> {
-        let mut call = CallFunctionOnParams::builder()
-            .function_declaration(format!("function() {{\n{JS_LIB}\n{body}\n}}"));
-        for a in args {
-            call = call.argument(CallArgument::builder().value(a.clone()).build());
-        }
-        let call = call.build().map_err(CdpError::msg)?;
-        let value = self.page.evaluate_function(call).await?;
-        value.into_value().map_err(CdpError::from)
+        // The arguments are config texts (labels, button texts), never credentials.
+        let args = serde_json::Value::from(args.to_vec());
+        self.page
+            .evaluate(format!(
+                "(function() {{\n{JS_LIB}\n{body}\n}}).apply(null, {args})"
+            ))
+            .await
     }
 
     /// Attach a screenshot of the page to `err`. Text in inputs is masked first (the user name
@@ -1036,11 +691,7 @@ return true;
         if !matches!(masked, Ok(Ok(true))) {
             tracing::debug!("browser_export: could not mask inputs before the screenshot");
         }
-        let params = ScreenshotParams::builder()
-            .format(CaptureScreenshotFormat::Png)
-            .build();
-        let png = match tokio::time::timeout(SCREENSHOT_TIMEOUT, self.page.screenshot(params)).await
-        {
+        let png = match tokio::time::timeout(SCREENSHOT_TIMEOUT, self.page.screenshot_png()).await {
             Ok(Ok(png)) if !png.is_empty() => Some(png),
             Ok(Ok(_)) => None,
             Ok(Err(e)) => {
@@ -1071,9 +722,7 @@ return true;
                 Err(_) => return Ok(None),
                 Ok(Ok(Some(v))) => return Ok(Some(v)),
                 Ok(Ok(None)) => {}
-                Ok(Err(
-                    e @ (CdpError::Ws(_) | CdpError::ChannelSendError(_) | CdpError::NoResponse),
-                )) => {
+                Ok(Err(e @ CdpError::Closed)) => {
                     return Err(self
                         .fail(BrowserError::retryable(format!(
                             "lost the connection to Chromium: {e}"
@@ -1131,10 +780,7 @@ return { found: true, disabled: false, covered: !(hit && (hit === el || el.conta
         }
         step(
             &format!("clicking {text:?}"),
-            self.page.click(Point {
-                x: spot.x,
-                y: spot.y,
-            }),
+            self.page.click(spot.x, spot.y),
         )
         .await?;
         Ok(true)
@@ -1173,7 +819,7 @@ return el ? el.value.length : -1;
         // The value goes only into this CDP message (never into a script or a log).
         step(
             &format!("typing into the {label:?} field"),
-            self.page.execute(InsertTextParams::new(value)),
+            self.page.call(InsertTextParams::new(value)),
         )
         .await?;
         let len: i64 = step(
@@ -1197,8 +843,8 @@ return el ? el.value.length : -1;
         let cfg = self.cfg;
         let timeout = cfg.login_timeout;
         let deadline = Instant::now() + timeout;
-        match tokio::time::timeout_at(deadline, self.page.goto(cfg.login_url.as_str())).await {
-            Ok(Ok(_)) => {}
+        match tokio::time::timeout_at(deadline, self.page.goto(&cfg.login_url)).await {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(self
                     .fail(BrowserError::retryable(format!(
@@ -1431,6 +1077,7 @@ mod tests {
     use super::*;
     use crate::fixtures::qashier::{self, Fault, QashierConfig, QashierFixture};
     use std::io::Write;
+    use std::sync::{Arc, Mutex};
 
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
