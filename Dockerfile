@@ -26,7 +26,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /var/lib/crm-sync --create-home crm-sync \
  && mkdir -p /etc/crm-sync /var/lib/crm-sync/backups \
- && chown -R crm-sync:crm-sync /var/lib/crm-sync
+ && chown -R crm-sync:crm-sync /var/lib/crm-sync \
+ && chmod 700 /var/lib/crm-sync/backups
 COPY --from=build /usr/local/bin/crm-sync /usr/local/bin/crm-sync
 COPY examples /usr/share/crm-sync/examples
 USER crm-sync

@@ -11,6 +11,7 @@
 //! - [`sources`]: where data comes from (`noop`, `http_json`, `ezfocus`);
 //! - [`backup`]: raw copies of every extract, the checkpoint later steps read;
 //! - [`secrets`]: credentials from the environment or secret files, never from the config;
+//! - [`private_fs`]: data and secret files created 0600 in 0700 directories;
 //! - [`scheduler`]: cron ticks in time zones into runs, once per tick across replicas;
 //! - [`transform`], [`validate`], [`destinations`]: cast to the declared [`schema`], gate, load atomically;
 //! - [`keys`]: key values in errors and outputs shown as short hashes (`show_key_values` opts out);
@@ -37,6 +38,7 @@ pub mod keys;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
+pub mod private_fs;
 pub mod queue;
 pub mod registry;
 pub mod retention;

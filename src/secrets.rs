@@ -3,7 +3,8 @@
 //! needs it, and the value's `Debug` never shows it.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -139,16 +140,72 @@ impl SecretRef {
             };
         }
         if let Some(path) = &self.file {
-            return match std::fs::read_to_string(path) {
-                // Secret files usually end with a newline that is not part of the secret.
-                Ok(v) if !v.trim_end_matches(['\r', '\n']).is_empty() => {
-                    Ok(Secret(v.trim_end_matches(['\r', '\n']).to_string()))
-                }
-                Ok(_) => Err(format!("secret file {} is empty", path.display())),
-                Err(e) => Err(format!("cannot read secret file {}: {e}", path.display())),
+            let v = read_file(path, "secret file")?;
+            // Secret files usually end with a newline that is not part of the secret.
+            return match v.trim_end_matches(['\r', '\n']) {
+                "" => Err(format!("secret file {} is empty", path.display())),
+                v => Ok(Secret(v.to_string())),
             };
         }
         Err("a secret needs `env` or `file`".into())
+    }
+}
+
+/// Reads a secret or token file (`what` names it in messages) after checking its permissions, as
+/// libpq does for `.pgpass`: a file that other users can read, or that group or other users can
+/// write, is refused; a group-readable one (a Kubernetes secret mounted with `fsGroup`) is read
+/// with a warning. The mode is that of the opened file (symbolic links followed, as Kubernetes
+/// mounts secrets), checked before a byte is read. Errors name the file, never its contents.
+pub fn read_file(path: &Path, what: &str) -> Result<String, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let mut file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {what} {shown}: {e}"))?;
+    let mode = file
+        .metadata()
+        .map_err(|e| format!("cannot read {what} {shown}: {e}"))?
+        .permissions()
+        .mode();
+    match check_mode(mode) {
+        Access::Private => {}
+        Access::GroupReadable => tracing::warn!(
+            file = %shown,
+            mode = format!("{:04o}", mode & 0o7777),
+            "{what} {shown} is readable by its group (mode {:04o}); \
+             if no group needs it, run chmod 600 {shown}",
+            mode & 0o7777
+        ),
+        Access::Refused(why) => {
+            return Err(format!(
+                "{what} {shown} has mode {:04o}: {why}; \
+                 run chmod 600 {shown} (or chmod 640 for a group that must read it)",
+                mode & 0o7777
+            ));
+        }
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {what} {shown}: {e}"))?;
+    Ok(text)
+}
+
+/// What the permission bits of a secret file allow.
+#[derive(Debug, PartialEq, Eq)]
+enum Access {
+    Private,
+    GroupReadable,
+    Refused(&'static str),
+}
+
+fn check_mode(mode: u32) -> Access {
+    if mode & 0o004 != 0 {
+        Access::Refused("other users can read it")
+    } else if mode & 0o022 != 0 {
+        Access::Refused("users other than its owner can write it")
+    } else if mode & 0o040 != 0 {
+        Access::GroupReadable
+    } else {
+        Access::Private
     }
 }
 
@@ -171,7 +228,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pw");
-        std::fs::write(&path, "from-file\n").unwrap();
+        crate::private_fs::write_new(&path, b"from-file\n").unwrap();
         let s = SecretRef {
             env: None,
             file: Some(path),
@@ -198,5 +255,45 @@ mod tests {
             .check()
             .is_err()
         );
+    }
+
+    #[test]
+    fn secret_files_others_can_read_or_write_are_refused_and_group_readable_ones_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("password");
+        crate::private_fs::write_new(&path, b"hunter2-value\n").unwrap();
+        let chmod = |mode: u32| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let file = SecretRef::file(&path);
+        for (mode, why) in [
+            (0o644, "other users can read it"),
+            (0o604, "other users can read it"),
+            (0o620, "users other than its owner can write it"),
+            (0o602, "users other than its owner can write it"),
+            (0o666, "other users can read it"),
+        ] {
+            chmod(mode);
+            let err = file.resolve().unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "secret file {p} has mode {mode:04o}: {why}; run chmod 600 {p} \
+                     (or chmod 640 for a group that must read it)",
+                    p = path.display()
+                )
+            );
+            assert!(!err.contains("hunter2"));
+        }
+        for mode in [0o600, 0o400, 0o640, 0o440, 0o700] {
+            chmod(mode);
+            assert_eq!(
+                file.resolve().unwrap().expose(),
+                "hunter2-value",
+                "{mode:o}"
+            );
+        }
+        assert_eq!(check_mode(0o640), Access::GroupReadable);
+        assert_eq!(check_mode(0o100600), Access::Private);
     }
 }

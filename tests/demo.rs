@@ -155,6 +155,16 @@ async fn demo_runs_both_pipelines_then_serves_the_console_until_ctrl_c() {
 async fn without_chromium_the_demo_runs_ez_focus_and_says_how_to_install_it() {
     let db = missing_database().await;
     let cwd = tempfile::tempdir().unwrap();
+    // An admin token left readable by everyone (an older demo): not trusted, replaced.
+    let demo_dir = cwd.path().join("crm-sync-demo");
+    std::fs::create_dir(&demo_dir).unwrap();
+    let old_token = "demo-world-readable-0123456789abcdef";
+    std::fs::write(demo_dir.join("admin-token"), old_token).unwrap();
+    std::fs::set_permissions(
+        demo_dir.join("admin-token"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let listen = format!("127.0.0.1:{}", common::emulators::free_port());
     let out = demo(&db, cwd.path(), &["--listen", &listen, "--exit"])
         .env("CHROMIUM", "/nonexistent/chromium")
@@ -172,6 +182,48 @@ async fn without_chromium_the_demo_runs_ez_focus_and_says_how_to_install_it() {
     assert!(!stdout.contains("qashier_customers"), "{stdout}");
     let config = std::fs::read_to_string(cwd.path().join("crm-sync-demo/crm-sync.toml")).unwrap();
     assert!(!config.contains("name = \"qashier_customers\""), "{config}");
+    let token_file = demo_dir.join("admin-token");
+    assert!(
+        stdout.contains(&format!(
+            "admin token {} could be read by other users (mode 0644): replaced by a new one",
+            token_file.display()
+        )),
+        "{stdout}"
+    );
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_ne!(token.trim(), old_token);
+    assert_eq!(crm_sync::private_fs::mode(&token_file).unwrap(), 0o600);
+    for private in ["/secrets", "/backups", "/secrets/EZFOCUS_PASSWORD"] {
+        let path = format!("{}{private}", demo_dir.display());
+        let mode = crm_sync::private_fs::mode(std::path::Path::new(&path)).unwrap();
+        assert_eq!(mode & 0o077, 0, "{path} has mode {mode:04o}");
+    }
+}
+
+#[tokio::test]
+async fn the_demo_refuses_a_symbolic_link_in_place_of_its_admin_token() {
+    let db = missing_database().await;
+    let cwd = tempfile::tempdir().unwrap();
+    let demo_dir = cwd.path().join("crm-sync-demo");
+    std::fs::create_dir(&demo_dir).unwrap();
+    // Planted by another user: a link to where they could read what the demo writes.
+    let planted = cwd.path().join("planted-token");
+    std::os::unix::fs::symlink(&planted, demo_dir.join("admin-token")).unwrap();
+    let listen = format!("127.0.0.1:{}", common::emulators::free_port());
+    let out = demo(&db, cwd.path(), &["--listen", &listen, "--exit"])
+        .env("CHROMIUM", "/nonexistent/chromium")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} is a symbolic link; the demo keeps its admin token in a file of its own",
+            demo_dir.join("admin-token").display()
+        )),
+        "{stderr}"
+    );
+    assert!(!planted.exists(), "the demo wrote through the link");
 }
 
 #[tokio::test]

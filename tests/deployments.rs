@@ -692,7 +692,7 @@ fn warehouse_config(
     let secrets = dir.join("secrets");
     std::fs::create_dir_all(&secrets).unwrap();
     let url_file = secrets.join("warehouse_url");
-    std::fs::write(&url_file, &warehouse.url).unwrap();
+    crm_sync::private_fs::write_new(&url_file, warehouse.url.as_bytes()).unwrap();
     let mut text = common::ezfocus::example_config(fixture, &secrets, &dir.join("backups"))
         .replace("[worker]", &format!("[worker]\nlease = \"{lease}\""))
         .replace("schedule = \"0 1 * * *\"\n", "")

@@ -31,7 +31,7 @@ async fn setup(password: &str) -> Setup {
     let secrets = tempfile::tempdir().unwrap();
     let write = |name: &str, value: &str| {
         let path = secrets.path().join(name);
-        std::fs::write(&path, format!("{value}\n")).unwrap();
+        crm_sync::private_fs::write_new(&path, format!("{value}\n").as_bytes()).unwrap();
         path.display().to_string()
     };
     let key = write("key", ezfocus::DEFAULT_ACCOUNTS_KEY);

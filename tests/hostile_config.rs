@@ -228,6 +228,15 @@ fn cases() -> Vec<Case> {
             ],
         ),
         case(
+            "pipeline names that are or start with dots (backup directories)",
+            format!("{}{}{}", noop("..", ""), noop(".", ""), noop("-rf", "")),
+            &[
+                "case.toml:1: pipelines[0] \"..\".name: \"..\" is not a valid pipeline name (1-64 characters: letters, digits, '_', '-', '.', starting with a letter, a digit or '_')",
+                "case.toml:5: pipelines[1] \".\".name: \".\" is not a valid pipeline name",
+                "case.toml:9: pipelines[2] \"-rf\".name: \"-rf\" is not a valid pipeline name",
+            ],
+        ),
+        case(
             "path traversal in a backup path",
             format!(
                 "[[pipelines]]\nname = \"a\"\n{EZFOCUS_SOURCE}\nbackup = {{ kind = \"local\", dir = \"/tmp\", path = \"../../../etc/{{date}}.json\" }}\n"

@@ -222,7 +222,7 @@ impl RunningNotifier {
 /// A webhook URL in a secret file (`url = { file = .. }`); returns the TOML reference.
 fn url_file(dir: &Path, name: &str, url: &str) -> String {
     let path = dir.join(name);
-    std::fs::write(&path, format!("{url}\n")).unwrap();
+    crm_sync::private_fs::write_new(&path, format!("{url}\n").as_bytes()).unwrap();
     format!("{{ file = \"{}\" }}", path.display())
 }
 

@@ -5,25 +5,12 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::compose::{compose, interpolate, read, repo, strings};
 use serde_yaml_ng::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(path: &str) -> String {
-    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn compose() -> Value {
-    let mut doc: Value = serde_yaml_ng::from_str(&read("docker-compose.yml")).expect("valid YAML");
-    doc.apply_merge().expect("merge keys resolve");
-    doc
-}
 
 /// The services that run the crm-sync image, with their command lines.
 fn crm_sync_services(doc: &Value) -> Vec<(String, &Value)> {
@@ -34,12 +21,6 @@ fn crm_sync_services(doc: &Value) -> Vec<(String, &Value)> {
         .filter(|(_, s)| s["image"].as_str() == Some("crm-sync:latest"))
         .map(|(name, s)| (name.as_str().unwrap().to_string(), s))
         .collect()
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_sequence()
-        .map(|s| s.iter().map(|x| x.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default()
 }
 
 /// The names that follow `prefix` in quotes, e.g. `var("` -> DATABASE_URL.
@@ -179,18 +160,19 @@ fn the_compose_config_passes_check_config_with_the_compose_environment() {
     cmd.arg("--config")
         .arg(repo().join("deploy/compose/crm-sync.toml"))
         .arg("check-config");
+    // Every required variable set (as a .env would), the others at their defaults.
+    let dotenv: BTreeMap<String, String> = common::compose::references(&read("docker-compose.yml"))
+        .into_iter()
+        .map(|(_, r)| {
+            (
+                r.name().to_string(),
+                "a-stand-in-value-0123456789abcdef".into(),
+            )
+        })
+        .filter(|(name, _)| name != "CRM_SYNC_BIND_ADDRESS")
+        .collect();
     for (k, v) in env {
-        let value = v.as_str().unwrap();
-        // `${NAME:-default}` as compose expands it without a .env file.
-        let expanded = match value.find("${") {
-            Some(start) => {
-                let end = value[start..].find('}').unwrap() + start;
-                let inner = &value[start + 2..end];
-                let default = inner.split_once(":-").map(|(_, d)| d).unwrap_or("");
-                format!("{}{default}{}", &value[..start], &value[end + 1..])
-            }
-            None => value.to_string(),
-        };
+        let expanded = interpolate(v.as_str().unwrap(), &dotenv).unwrap();
         cmd.env(k.as_str().unwrap(), expanded);
     }
     let out = cmd.output().unwrap();
@@ -212,7 +194,7 @@ fn ports_agree_across_dockerfile_compose_config_and_prometheus() {
     let dockerfile = read("Dockerfile");
     assert!(dockerfile.contains("EXPOSE 8080"));
     let ports = strings(&doc["services"]["crm-sync"]["ports"]);
-    assert_eq!(ports, ["8080:8080"]);
+    assert_eq!(ports, ["${CRM_SYNC_BIND_ADDRESS:-127.0.0.1}:8080:8080"]);
     let prometheus = read("deploy/prometheus/prometheus.yml");
     assert!(prometheus.contains("\"crm-sync:8080\""));
     assert!(prometheus.contains("names: [\"worker\"]") && prometheus.contains("port: 9464"));
@@ -220,7 +202,7 @@ fn ports_agree_across_dockerfile_compose_config_and_prometheus() {
     assert!(datasource.contains("http://prometheus:9090"));
     assert_eq!(
         strings(&doc["services"]["prometheus"]["ports"]),
-        ["9090:9090"]
+        ["${CRM_SYNC_BIND_ADDRESS:-127.0.0.1}:9090:9090"]
     );
     let ezfocus = strings(&doc["services"]["ezfocus"]["command"]);
     assert!(ezfocus.ends_with(&["--port".to_string(), "8081".to_string()]));

@@ -84,35 +84,9 @@ impl Role {
 
 impl Drop for Role {
     fn drop(&mut self) {
-        let (name, db_url) = (self.0.clone(), self.1.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(db) = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&db_url)
-                    .await
-                {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP OWNED BY {name}")))
-                        .execute(&db)
-                        .await;
-                    db.close().await;
-                }
-                if let Ok(admin) = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&common::admin_url())
-                    .await
-                {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {name}")))
-                        .execute(&admin)
-                        .await;
-                }
-            })
-        })
-        .join();
+        let name = &self.0;
+        common::run_blocking(self.1.clone(), vec![format!("DROP OWNED BY {name}")]);
+        common::run_as_admin(vec![format!("DROP ROLE IF EXISTS {name}")]);
     }
 }
 
@@ -243,9 +217,13 @@ async fn no_secret_reaches_logs_api_tables_webhooks_or_backups() {
     // The reference pipeline as examples/ezfocus.toml has it, its password in a secret file; two
     // more pipelines against the hostile source; two webhooks whose URLs carry a secret path.
     let password_file = dir.path().join("ezfocus_password");
-    std::fs::write(&password_file, format!("{EZ_PASSWORD}\n")).unwrap();
+    crm_sync::private_fs::write_new(&password_file, format!("{EZ_PASSWORD}\n").as_bytes()).unwrap();
     let slack_file = dir.path().join("slack_url");
-    std::fs::write(&slack_file, format!("{hooks}/services/T0/{SLACK_SECRET}\n")).unwrap();
+    crm_sync::private_fs::write_new(
+        &slack_file,
+        format!("{hooks}/services/T0/{SLACK_SECRET}\n").as_bytes(),
+    )
+    .unwrap();
     let example = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/examples/ezfocus.toml"

@@ -105,8 +105,8 @@ impl Tokens {
 fn load(var: &str) -> anyhow::Result<Vec<String>> {
     let text = match (std::env::var(var), std::env::var(format!("{var}_FILE"))) {
         (Ok(v), _) => v.replace(',', "\n"),
-        (Err(_), Ok(path)) => std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {var}_FILE ({path}): {e}"))?,
+        (Err(_), Ok(path)) => crate::secrets::read_file(path.as_ref(), "token file")
+            .map_err(|e| anyhow::anyhow!("{var}_FILE: {e}"))?,
         _ => String::new(),
     };
     let tokens: Vec<String> = text

@@ -5,7 +5,7 @@
 //! the same directory removes such leftovers once they have not been touched for [`STALE_PARTIAL`]:
 //! a live write touches its file with every chunk, so only abandoned ones get that old.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -33,19 +33,8 @@ impl LocalStore {
     where
         S: Stream<Item = Result<Bytes, StepError>> + Unpin,
     {
-        let path = self.root.join(name);
-        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| io_error("create backup directory", &dir, e))?;
-        remove_stale_partials(&dir);
-        let tmp = dir.join(format!(
-            ".{}.partial-{}",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("object"),
-            uuid::Uuid::new_v4().simple()
-        ));
+        let path = self.object_path(name)?;
+        let tmp = self.partial_path(&path)?;
         let result = write_all(&tmp, &mut body).await;
         let (bytes, sha256) = match result {
             Ok(done) => done,
@@ -65,27 +54,55 @@ impl LocalStore {
             sha256,
         })
     }
-}
 
-impl LocalStore {
-    /// A fresh temporary path beside where `name` will live.
-    pub fn temp_path(&self, name: &str) -> PathBuf {
+    /// Where object `name` lives: under the root, whatever the name. The name must be relative and
+    /// made of plain components (no `..`, no `.`, no root), checked on the joined path, so that no
+    /// pipeline name, template or batch id can reach outside the backup directory.
+    fn object_path(&self, name: &str) -> Result<PathBuf, StepError> {
+        let plain_parts = name.split('/').all(|part| !matches!(part, "" | "." | ".."));
         let path = self.root.join(name);
-        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        let _ = std::fs::create_dir_all(&dir);
-        remove_stale_partials(&dir);
-        dir.join(format!(
+        let inside = plain_parts
+            && path.strip_prefix(&self.root).is_ok_and(|rest| {
+                rest.components().next().is_some()
+                    && rest.components().all(|c| matches!(c, Component::Normal(_)))
+            });
+        if !inside {
+            return Err(StepError::terminal(format!(
+                "backup object name \"{}\" is refused: it must stay under the backup directory {} \
+                 (a relative path of plain names, no \"..\", \".\" or empty parts)",
+                name.escape_debug(),
+                self.root.display()
+            )));
+        }
+        Ok(path)
+    }
+
+    /// A fresh temporary path beside `path` (an [`LocalStore::object_path`]), in its directory,
+    /// created 0700 if missing; abandoned partials there are removed.
+    fn partial_path(&self, path: &Path) -> Result<PathBuf, StepError> {
+        let dir = path.parent().unwrap_or(&self.root);
+        crate::private_fs::create_dir_all(dir)
+            .map_err(|e| io_error("create backup directory", dir, e))?;
+        remove_stale_partials(dir);
+        Ok(dir.join(format!(
             ".{}.partial-{}",
             path.file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or("object"),
             uuid::Uuid::new_v4().simple()
-        ))
+        )))
+    }
+}
+
+impl LocalStore {
+    /// A fresh temporary path beside where `name` will live (its directory created 0700).
+    pub fn temp_path(&self, name: &str) -> Result<PathBuf, StepError> {
+        self.partial_path(&self.object_path(name)?)
     }
 
     /// Moves a finished temporary file (from [`LocalStore::temp_path`]) into place, with its checksum.
     pub async fn put_file(&self, name: &str, tmp: &Path) -> Result<ObjectInfo, StepError> {
-        let path = self.root.join(name);
+        let path = self.object_path(name)?;
         let file = tokio::fs::File::open(tmp)
             .await
             .map_err(|e| io_error("open staging file", tmp, e))?;
@@ -117,7 +134,7 @@ async fn write_all<S>(tmp: &Path, body: &mut S) -> Result<(u64, String), StepErr
 where
     S: Stream<Item = Result<Bytes, StepError>> + Unpin,
 {
-    let mut file = tokio::fs::File::create(tmp)
+    let mut file = crate::private_fs::create_new_async(tmp)
         .await
         .map_err(|e| io_error("create backup object", tmp, e))?;
     let mut hasher = Sha256::new();
@@ -252,5 +269,40 @@ mod tests {
             "a partial touched recently may be a live write"
         );
         assert!(other.exists(), "only partial objects are removed");
+    }
+
+    #[tokio::test]
+    async fn object_names_that_would_leave_the_backup_directory_are_refused() {
+        let parent = tempfile::tempdir().unwrap();
+        let root = parent.path().join("backups");
+        let store = LocalStore::new(root.clone());
+        for name in [
+            "../escaped.json",
+            "../../etc/x",
+            "a/../../b",
+            "/tmp/x",
+            "..",
+            ".",
+            "",
+        ] {
+            let body = futures::stream::iter(vec![Ok(Bytes::from_static(b"[]"))]);
+            let err = store.put_stream(name, body).await.unwrap_err();
+            assert!(!err.is_retryable(), "{name}");
+            assert_eq!(
+                err.message,
+                format!(
+                    "backup object name \"{name}\" is refused: it must stay under the backup \
+                     directory {} (a relative path of plain names, no \"..\", \".\" or empty parts)",
+                    root.display()
+                )
+            );
+            assert!(store.temp_path(name).is_err(), "{name}");
+        }
+        let names: Vec<_> = std::fs::read_dir(parent.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(names.is_empty(), "something was written: {names:?}");
+        assert!(store.temp_path("p/staging/b.ndjson").is_ok());
     }
 }

@@ -118,10 +118,10 @@ pub enum BackupStore {
 impl BackupStore {
     /// A temporary local path for an object about to be written with [`BackupStore::put_file`]
     /// (beside its final place for a local store, so the final rename is atomic).
-    pub fn temp_path(&self, name: &str) -> PathBuf {
+    pub fn temp_path(&self, name: &str) -> Result<PathBuf, StepError> {
         match self {
             BackupStore::Local(store) => store.temp_path(name),
-            BackupStore::Gcs { .. } => scratch_path(),
+            BackupStore::Gcs { .. } => Ok(scratch_path()),
         }
     }
 
@@ -228,7 +228,7 @@ pub async fn local_copy(uri: &str, config: &BackupConfig) -> Result<LocalCopy, S
         StepError::retryable(format!("cannot write a local copy of {uri}: {e}"))
     };
     let mut body = store.get_stream(bucket, object).await.map_err(gcs_error)?;
-    let mut file = tokio::fs::File::create(&copy.path)
+    let mut file = crate::private_fs::create_new_async(&copy.path)
         .await
         .map_err(write_error)?;
     while let Some(chunk) = body.next().await {
@@ -240,6 +240,7 @@ pub async fn local_copy(uri: &str, config: &BackupConfig) -> Result<LocalCopy, S
     Ok(copy)
 }
 
+/// A fresh path in the temporary directory; the file is created 0600 (`private_fs::create_new`).
 fn scratch_path() -> PathBuf {
     std::env::temp_dir().join(format!("crm-sync-{}.tmp", uuid::Uuid::new_v4().simple()))
 }

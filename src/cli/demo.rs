@@ -98,9 +98,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let secrets_dir = dir.join("secrets");
     let backups_dir = dir.join("backups");
     for d in [&dir, &secrets_dir, &backups_dir] {
-        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        crate::private_fs::create_dir_all(d)
+            .with_context(|| format!("cannot create {}", d.display()))?;
     }
+    // Directories of an earlier demo may predate private modes.
     restrict(&secrets_dir, 0o700)?;
+    restrict(&backups_dir, 0o700)?;
 
     let ez = EzFocusFixture::start_on_free_port(EzFocusConfig::default())
         .await
@@ -338,23 +341,62 @@ async fn gcp_pipeline(
     Ok(format!("\n{text}"))
 }
 
-/// The admin token: `CRM_SYNC_ADMIN_TOKENS`'s first one if set, else the one kept in
-/// `DIR/admin-token` (created once, mode 0600). Never printed: the user reads the file.
+/// The admin token kept in `DIR/admin-token`. Never printed: the user reads the file. It is created
+/// with mode 0600 from the start (a fresh file, `O_EXCL | O_NOFOLLOW`, renamed into place). An
+/// existing token file that group or other users can read is not trusted (anyone may have copied
+/// the token): a new token replaces it, and the demo says so. A symbolic link there is refused.
 fn admin_token(dir: &Path) -> anyhow::Result<(String, PathBuf)> {
     let path = dir.join("admin-token");
-    if let Ok(existing) = std::fs::read_to_string(&path)
-        && existing.trim().len() >= 16
-    {
-        return Ok((existing.trim().to_string(), path));
+    if let Some(existing) = existing_token(&path)? {
+        return Ok((existing, path));
     }
     let token = format!(
         "demo-{}",
         Uuid::new_v4().simple().to_string() + &Uuid::new_v4().simple().to_string()
     );
-    std::fs::write(&path, format!("{token}\n"))
+    crate::private_fs::replace(&path, format!("{token}\n").as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    restrict(&path, 0o600)?;
     Ok((token, path))
+}
+
+/// The token of an earlier demo in `path`, if there is a private one (mode 0600 or stricter, at
+/// least 16 characters). Read without following a symbolic link.
+fn existing_token(path: &Path) -> anyhow::Result<Option<String>> {
+    use std::io::Read;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
+    let mut file = match opened {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => bail!(
+            "{} is a symbolic link; the demo keeps its admin token in a file of its own and does \
+             not follow links there: remove it and run the demo again",
+            path.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if !meta.is_file() {
+        bail!("{} is not a regular file: remove it", path.display());
+    }
+    if mode & 0o077 != 0 {
+        println!(
+            "  admin token {} could be read by other users (mode {mode:04o}): replaced by a new one",
+            path.display()
+        );
+        return Ok(None);
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let token = text.trim();
+    Ok((token.len() >= 16).then(|| token.to_string()))
 }
 
 async fn wait_all(pool: &crate::db::Db, runs: &[Uuid]) -> anyhow::Result<bool> {
@@ -461,7 +503,44 @@ fn restrict(path: &Path, mode: u32) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_password;
+    use super::{admin_token, redact_password};
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &std::path::Path) -> u32 {
+        crate::private_fs::mode(path).unwrap()
+    }
+
+    #[test]
+    fn the_admin_token_is_private_from_creation_and_a_readable_one_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (token, path) = admin_token(dir.path()).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(
+            admin_token(dir.path()).unwrap().0,
+            token,
+            "kept across runs"
+        );
+
+        // A token file others can read (an older demo, a copy): a new token in a new 0600 file.
+        let old = "demo-world-readable-token-0123456789";
+        std::fs::write(&path, old).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (new, _) = admin_token(dir.path()).unwrap();
+        assert_ne!(new, old);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), new);
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
+    fn a_symbolic_link_in_place_of_the_admin_token_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "not a token").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("admin-token")).unwrap();
+        let err = admin_token(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("admin-token is a symbolic link"), "{err}");
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "not a token");
+    }
 
     #[test]
     fn passwords_are_hidden() {

@@ -1035,6 +1035,16 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
+/// Pipeline names name backup directories too: on top of [`valid_name`] they start with a letter, a
+/// digit or `_`, so `.`, `..` and hidden or option-like names (`.x`, `-x`) are refused.
+fn valid_pipeline_name(name: &str) -> bool {
+    valid_name(name)
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 fn check_pipeline(
     p: &PipelineConfig,
     label: &str,
@@ -1048,11 +1058,12 @@ fn check_pipeline(
             message,
         })
     };
-    if !valid_name(&p.name) {
+    if !valid_pipeline_name(&p.name) {
         bad(
             "name",
             format!(
-                "\"{}\" is not a valid pipeline name (1-64 characters: letters, digits, '_', '-', '.')",
+                "\"{}\" is not a valid pipeline name (1-64 characters: letters, digits, '_', '-', '.', \
+                 starting with a letter, a digit or '_')",
                 shown(&p.name)
             ),
         );

@@ -214,7 +214,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("url");
         let url = format!("http://127.0.0.1:{port}/hooks/T0/SECRET-UNIT-TOKEN");
-        std::fs::write(&file, format!("{url}\n")).unwrap();
+        crate::private_fs::write_new(&file, format!("{url}\n").as_bytes()).unwrap();
         let id = MessageId {
             event_id: 1,
             attempt: 1,

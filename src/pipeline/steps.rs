@@ -97,7 +97,7 @@ pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<V
     let store = pipeline.backup.store().await?;
     let staging_name = format!("{}/staging/{}.ndjson", pipeline.name, ctx.batch_id);
     let batch_id = ctx.batch_id.clone();
-    let staging_tmp = store.temp_path(&staging_name);
+    let staging_tmp = store.temp_path(&staging_name)?;
     let tmp = staging_tmp.clone();
     // A merge allowed to skip dirty keys leaves them out here; the validate step caps how many.
     let mut keys = pipeline
@@ -110,7 +110,7 @@ pub async fn transform(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<V
         let input = std::fs::File::open(&raw).map_err(|e| {
             StepError::retryable(format!("cannot open the raw backup {}: {e}", raw.display()))
         })?;
-        let output = std::fs::File::create(&tmp)
+        let output = crate::private_fs::create_new(&tmp)
             .map_err(|e| StepError::retryable(format!("cannot create the staging object: {e}")))?;
         let convert = match config.kind {
             TransformKind::Json => transform::json_to_ndjson::<std::fs::File, &std::fs::File>,

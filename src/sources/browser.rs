@@ -1095,8 +1095,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let secrets = dir.path().join("secrets");
         std::fs::create_dir(&secrets).expect("secrets dir");
-        std::fs::write(secrets.join("user"), format!("{}\n", fx.config().username)).unwrap();
-        std::fs::write(secrets.join("pass"), format!("{password}\n")).unwrap();
+        crate::private_fs::write_new(
+            &secrets.join("user"),
+            format!("{}\n", fx.config().username).as_bytes(),
+        )
+        .unwrap();
+        crate::private_fs::write_new(&secrets.join("pass"), format!("{password}\n").as_bytes())
+            .unwrap();
         let work = dir.path().join("work");
         let cfg = BrowserExportConfig::new(
             fx.login_url(),

@@ -82,29 +82,37 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop on a thread with its own runtime: Drop cannot be async, and the test's runtime may be gone.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(admin) = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&admin_url())
-                    .await
-                {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&admin)
-                    .await;
-                }
-            })
-        })
-        .join();
+        run_as_admin(vec![format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )]);
     }
+}
+
+/// Runs `statements` on the admin database, one after the other, ignoring failures (clean-up in
+/// `Drop`).
+pub fn run_as_admin(statements: Vec<String>) {
+    run_blocking(admin_url(), statements);
+}
+
+/// Runs `statements` on the database at `url`, ignoring failures: on a thread with its own
+/// runtime, since Drop cannot be async and the test's runtime may be gone.
+pub fn run_blocking(url: String, statements: Vec<String>) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(&url).await {
+                for sql in statements {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+                }
+                pool.close().await;
+            }
+        })
+    })
+    .join();
 }
 
 /// An in-process worker on its own pool; stop it with [`RunningWorker::stop`].
@@ -331,6 +339,7 @@ pub fn run_binary(config: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 pub mod browser;
+pub mod compose;
 pub mod consistency;
 pub mod emulators;
 pub mod ezfocus;
