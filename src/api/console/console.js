@@ -29,6 +29,9 @@ const badge = (status) => h("span", { class: `badge ${status || ""}`, "data-stat
 const cell = (label, ...children) => h("td", { "data-label": label }, h("div", {}, ...children));
 const link = (href, ...children) => h("a", { href, "data-link": true }, ...children);
 const shortId = (id) => id.slice(0, 8);
+// An id, name or URI (one long "word") may wrap after its separators: / _ . - (and, longer than a
+// line between two of them, anywhere: CSS overflow-wrap).
+const breakable = (text) => String(text).split(/(?<=[/_.-])/).flatMap((part, i) => (i ? [h("wbr"), part] : [part]));
 // A figure (count, duration, attempts) never wraps inside itself.
 const num = (text) => h("span", { class: "num" }, text);
 
@@ -206,7 +209,7 @@ function pipelineRow(p, notice, reload) {
     title: p.processes.map((d) => `${d.fingerprint} ${d.process_id}`).join("\n"),
   }, `${p.definitions} definitions`));
   return h("tr", { "data-pipeline": p.name },
-    cell("Pipeline", h("strong", { class: "name" }, p.name), h("div", { class: "muted small" }, p.steps.join(" → ")),
+    cell("Pipeline", h("strong", { class: "name" }, breakable(p.name)), h("div", { class: "muted small" }, p.steps.join(" → ")),
       h("div", { class: "states" }, ...state),
       h("div", { class: "muted small", title: "fingerprint of the registered definition" }, p.fingerprint ? `definition ${p.fingerprint}` : "")),
     cell("Schedule", ...schedule),
@@ -282,9 +285,9 @@ async function renderRuns(main, signal, query) {
 function runRow(r) {
   return h("tr", { "data-run": r.id },
     cell("Run", link(`/runs/${r.id}`, h("code", {}, shortId(r.id)))),
-    cell("Pipeline", h("span", { class: "name" }, r.pipeline)),
+    cell("Pipeline", h("span", { class: "name" }, breakable(r.pipeline))),
     cell("Status", badge(r.status)),
-    cell("Batch", h("code", {}, r.batch_id)),
+    cell("Batch", h("code", {}, breakable(r.batch_id))),
     cell("Trigger", r.trigger),
     cell("Created", fmtTime(r.created_at)),
     cell("Duration", num(fmtDuration(between(r.started_at, r.finished_at)))),
@@ -361,9 +364,9 @@ function runNotFound(main, id) {
 function runFacts(run) {
   const runLink = (other) => link(`/runs/${other}`, h("code", {}, shortId(other)));
   return h("dl", { class: "facts" },
-    h("dt", {}, "Pipeline"), h("dd", {}, link(`/runs?pipeline=${encodeURIComponent(run.pipeline)}`, h("span", { class: "name" }, run.pipeline))),
+    h("dt", {}, "Pipeline"), h("dd", {}, link(`/runs?pipeline=${encodeURIComponent(run.pipeline)}`, h("span", { class: "name" }, breakable(run.pipeline)))),
     h("dt", {}, "Status"), h("dd", { id: "run-status" }, badge(run.status)),
-    h("dt", {}, "Batch"), h("dd", {}, h("code", { class: "id" }, run.batch_id)),
+    h("dt", {}, "Batch"), h("dd", {}, h("code", { class: "id" }, breakable(run.batch_id))),
     h("dt", {}, "Trigger"), h("dd", {}, run.trigger),
     run.retry_of ? [h("dt", {}, "Retry of"), h("dd", {}, runLink(run.retry_of))] : [],
     run.rerun_of ? [h("dt", {}, "Rerun of"), h("dd", {}, runLink(run.rerun_of))] : [],
@@ -391,10 +394,13 @@ function runActions(run, notice, refresh) {
         const res = await post(`/api/runs/${run.id}/${path}`);
         if (res.id && res.id !== run.id) navigate(`/runs/${res.id}`);
       } catch (e) {
-        notice.replaceChildren(h("div", { class: "notice" }, e.message));
         button.disabled = false;
-        // Changed elsewhere (retried, finished): show what it is now.
+        // Changed elsewhere (retried, finished): show what the run is now; the message only if
+        // that still offers the same button.
         if (e.status === 409) await refresh();
+        if (e.status !== 409 || document.getElementById(button.id)) {
+          notice.replaceChildren(h("div", { class: "notice" }, e.message));
+        }
       }
     },
   }, label);
@@ -431,16 +437,16 @@ function objectLink(uri) {
   if (typeof uri !== "string") return null;
   if (uri.startsWith("gs://")) {
     const path = uri.slice(5);
-    return h("a", { href: `https://console.cloud.google.com/storage/browser/_details/${path}`, target: "_blank", rel: "noopener" }, uri);
+    return h("a", { href: `https://console.cloud.google.com/storage/browser/_details/${path}`, target: "_blank", rel: "noopener" }, breakable(uri));
   }
-  return h("code", {}, uri);
+  return h("code", {}, breakable(uri));
 }
 
 function stepRow(s) {
   const out = s.output || {};
   const outputs = [];
   if (out.object) outputs.push(h("div", { class: "object" }, objectLink(out.object)));
-  if (out.table) outputs.push(h("div", {}, "table ", h("code", {}, out.table)));
+  if (out.table) outputs.push(h("div", {}, "table ", h("code", {}, breakable(out.table))));
   if (out.write === "merge") {
     outputs.push(h("div", { class: "merge" },
       `${out.inserted} inserted, ${out.updated} updated, ${out.unchanged} unchanged, ${out.deleted} deleted`));
