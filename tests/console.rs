@@ -992,6 +992,7 @@ async fn ten_tabs_share_one_event_stream() {
         tabs.push(page);
     }
     let most = relay.streams.max();
+    eprintln!("ten tabs: at most {most} event stream(s) open at once");
     assert!(most <= 2, "{most} event streams open at once for ten tabs");
 
     // Every tab hears of a new run.
@@ -1022,6 +1023,7 @@ async fn ten_tabs_share_one_event_stream() {
         .await;
     }
     let most = relay.streams.max();
+    eprintln!("after the hand-over: at most {most} event stream(s) open at once");
     assert!(
         most <= 2,
         "{most} event streams open at once after the hand-over"
