@@ -322,7 +322,7 @@ async function renderRun(main, signal, id) {
     drawRun();
   };
   // The whole run again: what a finished run's stream does not carry (who retried it, why it failed).
-  const refresh = () => api(`/api/runs/${id}`).then(draw).catch(() => {});
+  const refresh = () => api(`/api/runs/${id}`).then(draw).catch(() => drawRun());
   const drawRun = () => {
     header.replaceChildren(runFacts(run));
     actions.replaceChildren();
@@ -346,8 +346,8 @@ async function renderRun(main, signal, id) {
         drawStep(data);
       } else if (kind === "run" && run) {
         Object.assign(run, data);
-        drawRun();
-        if (FINAL.has(data.status)) refresh();
+        // Finished: drawn once, with what only the whole run says (who retried it, why it failed).
+        if (FINAL.has(data.status)) refresh(); else drawRun();
       }
     },
   });

@@ -199,18 +199,20 @@ class RunFeed {
 let runFeed = null;
 
 // Runs events for a page until `signal` aborts: onEvent(kind, run) per event, the live indicator
-// kept in `liveEl`, and onResync() whenever the stream (re)connects, since events may have been
-// missed in between.
+// kept in `liveEl`, and onResync() whenever the stream comes back after a break (a lost connection,
+// a hand-over between tabs), since events may have been missed in between.
 function followRuns(token, signal, liveEl, onEvent, onResync, onFatal) {
   if (!runFeed || runFeed.token !== token) {
     runFeed?.stop();
     runFeed = new RunFeed(token, (status) => { stopRunFeed(); onFatal(status); });
   }
+  let broken = false; // the stream was live for this page, then not
   const listener = {
     onEvent,
     onState: (state, was) => {
       showLive(liveEl, state);
-      if (state === "live" && was !== "live") onResync();
+      if (state !== "live" && was === "live") broken = true;
+      if (state === "live" && broken) { broken = false; onResync(); }
     },
   };
   showLive(liveEl, runFeed.state);
