@@ -635,6 +635,12 @@ async fn pipelines_show_who_serves_them_and_an_admin_disables_one() {
     second.stop().await;
 }
 
+/// Opens `url` and waits (30 s at most) until `condition` holds.
+async fn open(page: &Page, url: String, condition: &str, what: &str) {
+    page.goto(url).await.unwrap();
+    wait_for(page, condition, Duration::from_secs(30), what).await;
+}
+
 /// Queues a run of `pipeline` as the API would.
 async fn enqueue(db: &TestDb, pipeline: &str) -> uuid::Uuid {
     crm_sync::queue::enqueue(
@@ -674,6 +680,18 @@ async fn assert_fits_a_phone(page: &Page, what: &str) {
     )
     .await;
     panic!("the {what} is {width} px wide on a {PHONE} px phone: {wide:#?}");
+}
+
+/// On a phone (emulated again: a navigation or a screenshot resets it), the page is no wider than
+/// the screen and no word or figure in `text` (a selector) is broken inside itself.
+async fn assert_phone_layout(page: &Page, what: &str, text: &str) {
+    phone_375(page).await;
+    assert_fits_a_phone(page, what).await;
+    let broken = broken_words(page, text).await;
+    assert!(
+        broken.is_empty(),
+        "{what}: words broken mid-way: {broken:?}"
+    );
 }
 
 /// Words (split at spaces and at the separators ids and URIs may break after: / _ . -) inside the
@@ -736,13 +754,10 @@ async fn the_nav_hides_unknown_runs_say_so_and_cancel_and_rerun_ask_first() {
 
     // An unknown run: said once, the 404 not asked again.
     let unknown = uuid::Uuid::new_v4();
-    page.goto(format!("{}/runs/{unknown}", console.base))
-        .await
-        .unwrap();
-    wait_for(
+    open(
         &page,
+        format!("{}/runs/{unknown}", console.base),
         "document.querySelector('main').innerText.toLowerCase().includes('run not found')",
-        Duration::from_secs(15),
         "run not found",
     )
     .await;
@@ -763,13 +778,10 @@ async fn the_nav_hides_unknown_runs_say_so_and_cancel_and_rerun_ask_first() {
     // Cancel asks first; Back leaves the run alone.
     let run = enqueue(&db, "noop").await;
     let batch = common::batch_of(&db.pool, run).await;
-    page.goto(format!("{}/runs/{run}", console.base))
-        .await
-        .unwrap();
-    wait_for(
+    open(
         &page,
+        format!("{}/runs/{run}", console.base),
         "document.querySelector('#action-cancel')",
-        Duration::from_secs(30),
         "Cancel",
     )
     .await;
@@ -853,14 +865,10 @@ async fn retry_only_where_it_helps_and_a_phone_page_never_widens() {
     assert_fits_a_phone(&page, "pipelines page").await;
 
     // The validation failure: Rerun, and why not Retry.
-    page.goto(format!("{}/runs/{invalid}", console.base))
-        .await
-        .unwrap();
-    phone_375(&page).await; // a navigation resets the emulated screen
-    wait_for(
+    open(
         &page,
+        format!("{}/runs/{invalid}", console.base),
         "document.querySelector('#action-rerun') && document.querySelector('#run-error')",
-        Duration::from_secs(30),
         "the failed run's actions",
     )
     .await;
@@ -872,40 +880,25 @@ async fn retry_only_where_it_helps_and_a_phone_page_never_widens() {
     );
     let advice: String = js(&page, "document.querySelector('#retry-advice').textContent").await;
     assert!(advice.contains("same staged batch"), "{advice}");
-    assert_fits_a_phone(&page, "run page").await;
-    let broken_here = broken_words(&page, "#run-header dd, #steps td > div").await;
-    assert!(
-        broken_here.is_empty(),
-        "words broken mid-way: {broken_here:?}"
-    );
+    assert_phone_layout(&page, "run page", "#run-header dd, #steps td > div").await;
     // A full-page screenshot resets the emulated screen: after the checks.
     screenshot(&page, "16-validation-failure-phone").await;
 
-    page.goto(format!("{}/runs", console.base)).await.unwrap();
-    phone_375(&page).await;
-    wait_for(
+    open(
         &page,
+        format!("{}/runs", console.base),
         "document.querySelectorAll('#runs tr[data-run]').length === 2",
-        Duration::from_secs(30),
         "the runs",
     )
     .await;
-    assert_fits_a_phone(&page, "runs page").await;
-    let broken_here = broken_words(&page, "#runs td > div").await;
-    assert!(
-        broken_here.is_empty(),
-        "words broken mid-way: {broken_here:?}"
-    );
+    assert_phone_layout(&page, "runs page", "#runs td > div").await;
     screenshot(&page, "17-runs-phone").await;
 
     // Retried elsewhere while the page shows Retry: the 409 turns into a link to the retry.
-    page.goto(format!("{}/runs/{broken}", console.base))
-        .await
-        .unwrap();
-    wait_for(
+    open(
         &page,
+        format!("{}/runs/{broken}", console.base),
         "document.querySelector('#action-retry')",
-        Duration::from_secs(30),
         "Retry",
     )
     .await;
