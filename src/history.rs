@@ -90,7 +90,7 @@ pub struct RunDetail {
     pub definitions: Vec<String>,
     /// The run that retried this one (a failed or cancelled run is retried at most once).
     pub retried_by: Option<Uuid>,
-    /// The step that failed the run and how (absent unless it failed in a step).
+    /// The step that failed the run and how (null unless it failed in a step).
     pub failure: Option<RunFailure>,
 }
 
