@@ -354,6 +354,7 @@ async fn the_console_is_one_self_contained_page() {
         "/",
         "/assets/console.js",
         "/assets/feed.js",
+        "/assets/run.js",
         "/assets/console.css",
     ] {
         let body = client

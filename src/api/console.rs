@@ -15,6 +15,8 @@ const INDEX: &str = include_str!("console/index.html");
 const SCRIPT: &str = include_str!("console/console.js");
 /// The event streams, one per browser (loaded before the script that uses them).
 const FEED: &str = include_str!("console/feed.js");
+/// A run's page.
+const RUN: &str = include_str!("console/run.js");
 const STYLE: &str = include_str!("console/console.css");
 
 /// Everything from our own origin; nothing inline but the data: favicon; no framing.
@@ -30,6 +32,7 @@ pub fn router() -> Router<AppState> {
         .route("/runs/{id}", get(index))
         .route("/assets/console.js", get(script))
         .route("/assets/feed.js", get(feed))
+        .route("/assets/run.js", get(run))
         .route("/assets/console.css", get(style))
 }
 
@@ -43,6 +46,10 @@ async fn script() -> impl IntoResponse {
 
 async fn feed() -> impl IntoResponse {
     asset("text/javascript; charset=utf-8", FEED)
+}
+
+async fn run() -> impl IntoResponse {
+    asset("text/javascript; charset=utf-8", RUN)
 }
 
 async fn style() -> impl IntoResponse {
