@@ -6,6 +6,9 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+mod retry;
+pub use retry::{ErrorClass, RunFailure};
+
 /// One run as listed by `crm-sync runs` and `GET /api/runs`.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct RunSummary {
@@ -85,6 +88,10 @@ pub struct RunDetail {
     /// one means its config changed while it ran (a rolling upgrade, a config edited between a
     /// failure and its retry).
     pub definitions: Vec<String>,
+    /// The run that retried this one (a failed or cancelled run is retried at most once).
+    pub retried_by: Option<Uuid>,
+    /// The step that failed the run and how (null unless it failed in a step).
+    pub failure: Option<RunFailure>,
 }
 
 /// Filters for [`list_runs`].
@@ -217,6 +224,8 @@ pub async fn run_detail(pool: &Db, id: Uuid) -> Result<Option<RunDetail>, sqlx::
         }
     }
     Ok(Some(RunDetail {
+        retried_by: retry::retried_by(pool, &run).await?,
+        failure: retry::failure(&run, &steps),
         run,
         steps,
         definitions,

@@ -231,6 +231,13 @@ async fn tokens_scopes_and_run_actions() {
         "{body}"
     );
     assert_eq!(body["params"], json!({"note": "from the API test"}));
+    // Why it failed, for clients deciding between Retry and Rerun.
+    assert_eq!(
+        body["failure"],
+        json!({"step": "noop", "class": "terminal", "retry_repeats_failure": false}),
+        "{body}"
+    );
+    assert_eq!(body["retried_by"], Value::Null, "{body}");
 
     let (status, body) = api
         .call(
@@ -256,6 +263,10 @@ async fn tokens_scopes_and_run_actions() {
         )
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (_, body) = api
+        .call("GET", &format!("/api/runs/{failed}"), Some(READER), None)
+        .await;
+    assert_eq!(body["retried_by"], json!(retried), "the retry is named");
     let (status, body) = api
         .call(
             "POST",
@@ -607,6 +618,17 @@ async fn openapi_documents_every_route() {
     let (status, doc) = api.call("GET", "/api/openapi.json", None, None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let schemas = &doc["components"]["schemas"];
+    for field in ["retried_by", "failure"] {
+        // RunDetail is the run summary (flattened) and its own fields: `allOf`.
+        let parts = schemas["RunDetail"]["allOf"].as_array().unwrap();
+        assert!(
+            parts.iter().any(|p| p["properties"][field].is_object()),
+            "RunDetail.{field} undocumented: {}",
+            schemas["RunDetail"]
+        );
+    }
+    assert!(schemas["RunFailure"]["properties"]["retry_repeats_failure"].is_object());
     let documented: Vec<(String, String)> = doc["paths"]
         .as_object()
         .unwrap()

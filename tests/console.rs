@@ -51,6 +51,30 @@ async fn sign_in(page: &Page, token: &str) {
     .await;
 }
 
+/// Waits for the console's confirmation dialog, checks that it names each of `names`, and answers
+/// it: yes, or Back.
+async fn answer_confirmation(page: &Page, names: &[&str], yes: bool) {
+    wait_for(
+        page,
+        "document.querySelector('dialog#confirm')?.open",
+        Duration::from_secs(10),
+        "the confirmation dialog",
+    )
+    .await;
+    let text: String = js(page, "document.querySelector('dialog#confirm').innerText").await;
+    for name in names {
+        assert!(text.contains(name), "the confirmation names {name}: {text}");
+    }
+    click(page, if yes { "#confirm-yes" } else { "#confirm-no" }).await;
+    wait_for(
+        page,
+        "!document.querySelector('dialog#confirm')",
+        Duration::from_secs(10),
+        "the dialog to close",
+    )
+    .await;
+}
+
 /// The run page's status badge.
 const RUN_STATUS: &str = "document.querySelector('#run-status .badge')?.dataset.status";
 
@@ -326,7 +350,13 @@ async fn the_console_is_one_self_contained_page() {
         assert!(html.contains("/assets/console.js"));
     }
     // No external fetches: nothing in the page, script or style points off the origin.
-    for path in ["/", "/assets/console.js", "/assets/console.css"] {
+    for path in [
+        "/",
+        "/assets/console.js",
+        "/assets/feed.js",
+        "/assets/run.js",
+        "/assets/console.css",
+    ] {
         let body = client
             .get(format!("{}{path}", console.base))
             .send()
@@ -509,6 +539,7 @@ async fn a_pipeline_run_shows_rows_and_backups_the_runs_page_pages_and_cancel_st
     )
     .await;
     click(&page, "#action-cancel").await;
+    answer_confirmation(&page, &["noop"], true).await;
     wait_for(
         &page,
         &format!("{RUN_STATUS} === 'cancelled' && document.querySelector('#action-retry') && document.querySelector('#action-rerun') && !document.querySelector('#action-cancel')"),
@@ -603,4 +634,392 @@ async fn pipelines_show_who_serves_them_and_an_admin_disables_one() {
     .await;
     first.stop().await;
     second.stop().await;
+}
+
+/// Opens `url` and waits (30 s at most) until `condition` holds.
+async fn open(page: &Page, url: String, condition: &str, what: &str) {
+    page.goto(url).await.unwrap();
+    wait_for(page, condition, Duration::from_secs(30), what).await;
+}
+
+/// Queues a run of `pipeline` as the API would.
+async fn enqueue(db: &TestDb, pipeline: &str) -> uuid::Uuid {
+    crm_sync::queue::enqueue(
+        &db.pool,
+        pipeline,
+        &serde_json::json!({}),
+        None,
+        crm_sync::queue::Trigger::Api,
+    )
+    .await
+    .unwrap()
+}
+
+/// A phone's width in CSS pixels (an iPhone's 375).
+const PHONE: i64 = 375;
+
+async fn phone_375(page: &Page) {
+    use chromiumoxide::cdp::browser_protocol::emulation::SetDeviceMetricsOverrideParams;
+    page.execute(SetDeviceMetricsOverrideParams::new(PHONE, 812, 2.0, true))
+        .await
+        .unwrap();
+}
+
+/// The page's width: at most the phone's, or it scrolls sideways. Fails naming the elements that
+/// reach past the phone's edge.
+async fn assert_fits_a_phone(page: &Page, what: &str) {
+    let width: i64 = js(page, "document.documentElement.scrollWidth").await;
+    if width <= PHONE {
+        return;
+    }
+    let wide: Vec<String> = js(
+        page,
+        &format!(
+            "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > {PHONE} + 0.5)\
+             .map(e => `${{e.tagName}}.${{e.className}}#${{e.id}} ${{Math.round(e.getBoundingClientRect().right)}} ${{e.textContent.slice(0, 40)}}`)"
+        ),
+    )
+    .await;
+    panic!("the {what} is {width} px wide on a {PHONE} px phone: {wide:#?}");
+}
+
+/// On a phone (emulated again: a navigation or a screenshot resets it), the page is no wider than
+/// the screen and no word or figure in `text` (a selector) is broken inside itself.
+async fn assert_phone_layout(page: &Page, what: &str, text: &str) {
+    phone_375(page).await;
+    assert_fits_a_phone(page, what).await;
+    let broken = broken_words(page, text).await;
+    assert!(
+        broken.is_empty(),
+        "{what}: words broken mid-way: {broken:?}"
+    );
+}
+
+/// Words (split at spaces and at the separators ids and URIs may break after: / _ . -) inside the
+/// elements matching `selector`, broken across lines although they would fit on one: "26" / "00".
+async fn broken_words(page: &Page, selector: &str) -> Vec<String> {
+    js(
+        page,
+        &format!(
+            r#"(() => {{
+  const broken = [];
+  for (const el of document.querySelectorAll({selector:?})) {{
+    const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+    for (let node; (node = walker.nextNode()); ) {{
+      for (const m of node.data.matchAll(/[^\s\-\/_.]+/g)) {{
+        const range = document.createRange();
+        range.setStart(node, m.index);
+        range.setEnd(node, m.index + m[0].length);
+        const lines = new Set([...range.getClientRects()].map((r) => Math.round(r.bottom)));
+        if (lines.size < 2) continue;
+        const probe = document.createElement("span");
+        probe.style.whiteSpace = "nowrap";
+        probe.textContent = m[0];
+        node.parentElement.append(probe);
+        const fits = probe.getBoundingClientRect().width <= el.clientWidth;
+        probe.remove();
+        if (fits) broken.push(m[0]);
+      }}
+    }}
+  }}
+  return broken;
+}})()"#
+        ),
+    )
+    .await
+}
+
+/// Defects 1, 3 and 4: the sign-in page shows no nav; an unknown run id says "run not found" and
+/// stops asking; Cancel and Rerun ask first, naming the pipeline and the batch, and Back does nothing.
+#[tokio::test]
+async fn the_nav_hides_unknown_runs_say_so_and_cancel_and_rerun_ask_first() {
+    let db = TestDb::new().await;
+    let config = db.config(CONFIG).await;
+    let console = ApiServer::start(&db, &config, ADMIN, READER).await;
+    let chromium = Chromium::launch().await;
+    let page = chromium.open(&console.base).await;
+    let nav_shown = "getComputedStyle(document.getElementById('nav')).display !== 'none'";
+    wait_for(
+        &page,
+        "document.querySelector('#token')",
+        Duration::from_secs(30),
+        "sign-in",
+    )
+    .await;
+    assert!(
+        !js::<bool>(&page, nav_shown).await,
+        "Pipelines, Runs and Sign out show on the sign-in page"
+    );
+    sign_in(&page, ADMIN).await;
+    assert!(js::<bool>(&page, nav_shown).await, "the nav after sign-in");
+
+    // An unknown run: said once, the 404 not asked again.
+    let unknown = uuid::Uuid::new_v4();
+    open(
+        &page,
+        format!("{}/runs/{unknown}", console.base),
+        "document.querySelector('main').innerText.toLowerCase().includes('run not found')",
+        "run not found",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let asked: i64 = js(
+        &page,
+        &format!(
+            "performance.getEntriesByType('resource').filter(e => e.name.includes('/api/runs/{unknown}')).length"
+        ),
+    )
+    .await;
+    assert_eq!(
+        asked, 1,
+        "the unknown run was asked for {asked} times in 5 s"
+    );
+    screenshot(&page, "14-run-not-found").await;
+
+    // Cancel asks first; Back leaves the run alone.
+    let run = enqueue(&db, "noop").await;
+    let batch = common::batch_of(&db.pool, run).await;
+    open(
+        &page,
+        format!("{}/runs/{run}", console.base),
+        "document.querySelector('#action-cancel')",
+        "Cancel",
+    )
+    .await;
+    click(&page, "#action-cancel").await;
+    screenshot(&page, "15-confirm-cancel").await;
+    answer_confirmation(&page, &["noop", &batch], false).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = || async {
+        crm_sync::history::run_status(&db.pool, run)
+            .await
+            .unwrap()
+            .unwrap()
+            .0
+    };
+    assert_eq!(status().await, "queued", "Back cancelled");
+    click(&page, "#action-cancel").await;
+    answer_confirmation(&page, &["noop", &batch], true).await;
+    wait_for(
+        &page,
+        &format!("{RUN_STATUS} === 'cancelled' && document.querySelector('#action-rerun')"),
+        Duration::from_secs(30),
+        "the cancelled run",
+    )
+    .await;
+    assert_eq!(status().await, "cancelled");
+
+    // Rerun asks first too.
+    click(&page, "#action-rerun").await;
+    answer_confirmation(&page, &["noop", &batch], false).await;
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_sync.runs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1, "Back started a rerun");
+    click(&page, "#action-rerun").await;
+    answer_confirmation(&page, &["noop", &batch], true).await;
+    wait_for(
+        &page,
+        "document.querySelector('#run-header')?.innerText.includes('Rerun of')",
+        Duration::from_secs(30),
+        "the rerun's page",
+    )
+    .await;
+}
+
+/// A 64-character pipeline name (the longest valid one).
+const LONG_NAME: &str = "ezfocus_accounts_of_the_greater_toronto_area_and_south_ontario_1";
+
+/// Defects 2 and 6: a validation failure offers Rerun and says why, not Retry; a run retried
+/// elsewhere hides Retry and links the retry (also after a 409); on a phone, a 64-character
+/// pipeline name and long ids stay within the screen and numbers are not broken.
+#[tokio::test]
+async fn retry_only_where_it_helps_and_a_phone_page_never_widens() {
+    assert_eq!(LONG_NAME.len(), 64);
+    let db = TestDb::new().await;
+    let fixture = EzFocusFixture::start_on_free_port(EzFocusConfig::default())
+        .await
+        .unwrap();
+    let (secrets, backups) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let text = common::ezfocus::example_config(&fixture, secrets.path(), backups.path())
+        .replace(
+            "name = \"ezfocus_accounts\"",
+            &format!("name = \"{LONG_NAME}\""),
+        )
+        .replace("min_rows = 2600", "min_rows = 999999")
+        .replace("max_rows = 2700", "max_rows = 1000000");
+    let pipelines = CONFIG.replace("[worker]\npoll_interval = \"100ms\"\n", "");
+    let config = db.config(&format!("{text}\n{pipelines}")).await;
+    let (invalid, status) =
+        common::run_pipeline(&db, &config, LONG_NAME, Duration::from_secs(120)).await;
+    assert_eq!(status, "failed");
+    let (broken, status) =
+        common::run_pipeline(&db, &config, "broken", Duration::from_secs(60)).await;
+    assert_eq!(status, "failed");
+
+    let console = ApiServer::start(&db, &config, ADMIN, READER).await;
+    let chromium = Chromium::launch().await;
+    let page = chromium.open(&console.base).await;
+    phone_375(&page).await;
+    sign_in(&page, ADMIN).await;
+    assert_fits_a_phone(&page, "pipelines page").await;
+
+    // The validation failure: Rerun, and why not Retry.
+    open(
+        &page,
+        format!("{}/runs/{invalid}", console.base),
+        "document.querySelector('#action-rerun') && document.querySelector('#run-error')",
+        "the failed run's actions",
+    )
+    .await;
+    let error: String = js(&page, "document.querySelector('#run-error').textContent").await;
+    assert!(error.contains("min_rows = 999999"), "{error}");
+    assert!(
+        !js::<bool>(&page, "Boolean(document.querySelector('#action-retry'))").await,
+        "Retry offered for a validation failure"
+    );
+    let advice: String = js(&page, "document.querySelector('#retry-advice').textContent").await;
+    assert!(advice.contains("same staged batch"), "{advice}");
+    assert_phone_layout(&page, "run page", "#run-header dd, #steps td > div").await;
+    // A full-page screenshot resets the emulated screen: after the checks.
+    screenshot(&page, "16-validation-failure-phone").await;
+
+    open(
+        &page,
+        format!("{}/runs", console.base),
+        "document.querySelectorAll('#runs tr[data-run]').length === 2",
+        "the runs",
+    )
+    .await;
+    assert_phone_layout(&page, "runs page", "#runs td > div").await;
+    screenshot(&page, "17-runs-phone").await;
+
+    // Retried elsewhere while the page shows Retry: the 409 turns into a link to the retry.
+    open(
+        &page,
+        format!("{}/runs/{broken}", console.base),
+        "document.querySelector('#action-retry')",
+        "Retry",
+    )
+    .await;
+    let retry = crm_sync::queue::retry(&db.pool, broken).await.unwrap();
+    click(&page, "#action-retry").await;
+    let linked = format!(
+        "document.querySelector('#retried-by a')?.getAttribute('href') === '/runs/{retry}' && !document.querySelector('#action-retry')"
+    );
+    wait_for(&page, &linked, Duration::from_secs(15), "the retry's link").await;
+    let shown: String = js(&page, "document.querySelector('main').innerText").await;
+    assert!(
+        !shown.contains("already retried"),
+        "the raw 409 is still shown: {shown}"
+    );
+    // And on a fresh load.
+    page.reload().await.unwrap();
+    wait_for(&page, &linked, Duration::from_secs(30), "the retry's link").await;
+}
+
+/// Defect 5: with its server gone, the page says "disconnected, retrying", and "live" again once
+/// the server is back.
+#[tokio::test]
+async fn the_live_state_follows_the_server() {
+    let db = TestDb::new().await;
+    let config = db.config(CONFIG).await;
+    let console = ApiServer::start(&db, &config, ADMIN, READER).await;
+    let mut relay = common::relay::Relay::start(&console.base).await;
+    let chromium = Chromium::launch().await;
+    let page = chromium.open(&relay.base).await;
+    sign_in(&page, ADMIN).await;
+    let live = "document.querySelector('h1 .live')";
+    wait_for(
+        &page,
+        &format!("{live}.dataset.state === 'live'"),
+        Duration::from_secs(15),
+        "live",
+    )
+    .await;
+
+    relay.cut().await;
+    wait_for(
+        &page,
+        &format!(
+            "{live}.dataset.state === 'retrying' && {live}.textContent === 'disconnected, retrying'"
+        ),
+        Duration::from_secs(15),
+        "disconnected, retrying",
+    )
+    .await;
+    screenshot(&page, "18-disconnected").await;
+    relay.resume().await;
+    wait_for(
+        &page,
+        &format!("{live}.dataset.state === 'live' && {live}.textContent === 'live'"),
+        Duration::from_secs(45),
+        "live again",
+    )
+    .await;
+}
+
+/// Defect 7: ten console tabs in one browser all load and stay live on one event stream (six
+/// HTTP/1.1 connections per host: with a stream per tab, the seventh never loads); when the tab
+/// holding it closes, another takes over.
+#[tokio::test]
+async fn ten_tabs_share_one_event_stream() {
+    let db = TestDb::new().await;
+    let config = db.config(CONFIG).await;
+    let console = ApiServer::start(&db, &config, ADMIN, READER).await;
+    let relay = common::relay::Relay::start(&console.base).await;
+    let chromium = Chromium::launch().await;
+    let live_runs = "document.querySelector('#runs') && document.querySelector('h1 .live')?.dataset.state === 'live'";
+    let mut tabs = Vec::new();
+    for n in 0..10 {
+        let page = chromium.open(&relay.base).await;
+        sign_in(&page, ADMIN).await;
+        click(&page, "a[data-nav=\"runs\"]").await;
+        wait_for(
+            &page,
+            live_runs,
+            Duration::from_secs(30),
+            &format!("tab {n}'s live runs list"),
+        )
+        .await;
+        tabs.push(page);
+    }
+    let most = relay.streams.max();
+    eprintln!("ten tabs: at most {most} event stream(s) open at once");
+    assert!(most <= 2, "{most} event streams open at once for ten tabs");
+
+    // Every tab hears of a new run.
+    let shows = |run: uuid::Uuid| format!("document.querySelector('tr[data-run=\"{run}\"]')");
+    let run = enqueue(&db, "noop").await;
+    for (n, page) in tabs.iter().enumerate() {
+        wait_for(
+            page,
+            &shows(run),
+            Duration::from_secs(15),
+            &format!("the run in tab {n}"),
+        )
+        .await;
+    }
+    screenshot(&tabs[9], "19-tenth-tab").await;
+
+    // The tab holding the stream (the first) closes: another takes over.
+    relay.streams.reset_max();
+    tabs.remove(0).close().await.unwrap();
+    let run = enqueue(&db, "noop").await;
+    for (n, page) in tabs.iter().enumerate() {
+        wait_for(
+            page,
+            &format!("{} && {live_runs}", shows(run)),
+            Duration::from_secs(20),
+            &format!("the run in tab {} after the hand-over", n + 1),
+        )
+        .await;
+    }
+    let most = relay.streams.max();
+    eprintln!("after the hand-over: at most {most} event stream(s) open at once");
+    assert!(
+        most <= 2,
+        "{most} event streams open at once after the hand-over"
+    );
 }

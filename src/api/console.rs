@@ -13,6 +13,10 @@ use super::AppState;
 
 const INDEX: &str = include_str!("console/index.html");
 const SCRIPT: &str = include_str!("console/console.js");
+/// The event streams, one per browser (loaded before the script that uses them).
+const FEED: &str = include_str!("console/feed.js");
+/// A run's page.
+const RUN: &str = include_str!("console/run.js");
 const STYLE: &str = include_str!("console/console.css");
 
 /// Everything from our own origin; nothing inline but the data: favicon; no framing.
@@ -27,6 +31,8 @@ pub fn router() -> Router<AppState> {
         .route("/runs", get(index))
         .route("/runs/{id}", get(index))
         .route("/assets/console.js", get(script))
+        .route("/assets/feed.js", get(feed))
+        .route("/assets/run.js", get(run))
         .route("/assets/console.css", get(style))
 }
 
@@ -36,6 +42,14 @@ async fn index() -> impl IntoResponse {
 
 async fn script() -> impl IntoResponse {
     asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+async fn feed() -> impl IntoResponse {
+    asset("text/javascript; charset=utf-8", FEED)
+}
+
+async fn run() -> impl IntoResponse {
+    asset("text/javascript; charset=utf-8", RUN)
 }
 
 async fn style() -> impl IntoResponse {

@@ -346,6 +346,7 @@ pub mod ezfocus;
 pub mod pgbouncer;
 pub mod private_postgres;
 pub mod qashier;
+pub mod relay;
 
 /// `serve`'s whole HTTP surface (API, console, metrics) in-process on a free port; stopped on drop.
 pub struct ApiServer {

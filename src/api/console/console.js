@@ -1,4 +1,5 @@
-// crm-sync console: pipelines, runs and one run, live over the API's server-sent events.
+// crm-sync console: pipelines, runs and one run (run.js), live over the API's server-sent events
+// (feed.js).
 // Plain JavaScript, no build step and no external fetches; the token stays in this tab's
 // sessionStorage and is sent as a bearer token on every call.
 "use strict";
@@ -29,6 +30,11 @@ const badge = (status) => h("span", { class: `badge ${status || ""}`, "data-stat
 const cell = (label, ...children) => h("td", { "data-label": label }, h("div", {}, ...children));
 const link = (href, ...children) => h("a", { href, "data-link": true }, ...children);
 const shortId = (id) => id.slice(0, 8);
+// An id, name or URI (one long "word") may wrap after its separators: / _ . - (and, longer than a
+// line between two of them, anywhere: CSS overflow-wrap).
+const breakable = (text) => String(text).split(/(?<=[/_.-])/).flatMap((part, i) => (i ? [h("wbr"), part] : [part]));
+// A figure (count, duration, attempts) never wraps inside itself.
+const num = (text) => h("span", { class: "num" }, text);
 
 function fmtTime(iso) {
   if (!iso) return "";
@@ -55,17 +61,22 @@ function ago(seconds) {
 
 // ---------------------------------------------------------------------------------------------
 // API calls.
-class ApiError extends Error {}
+class ApiError extends Error {
+  constructor(message, status) {
+    super(message);
+    this.status = status;
+  }
+}
 
 async function api(path, options = {}) {
   const headers = Object.assign({ Authorization: `Bearer ${session.token}` }, options.headers || {});
   const resp = await fetch(path, Object.assign({}, options, { headers }));
   if (resp.status === 401) {
     signOut("Your token was not accepted. Sign in again.");
-    throw new ApiError("unauthorized");
+    throw new ApiError("unauthorized", 401);
   }
   const body = await resp.json().catch(() => ({}));
-  if (!resp.ok) throw new ApiError(body.error || `${resp.status} ${resp.statusText}`);
+  if (!resp.ok) throw new ApiError(body.error || `${resp.status} ${resp.statusText}`, resp.status);
   return body;
 }
 
@@ -73,54 +84,31 @@ function post(path) {
   return api(path, { method: "POST", headers: { "X-Crm-Sync-Client": "console" } });
 }
 
-// Reads a server-sent event stream with fetch (EventSource cannot send a bearer token).
-// Calls onEvent(kind, data) per event; resolves when the server ends the stream.
-async function followEvents(path, signal, onEvent) {
-  const resp = await fetch(path, { headers: { Authorization: `Bearer ${session.token}` }, signal });
-  if (resp.status === 401) { signOut("Your token was not accepted. Sign in again."); return; }
-  if (!resp.ok) throw new ApiError(`${resp.status} ${resp.statusText}`);
-  const reader = resp.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      let kind = "message", data = "";
-      for (const line of block.split("\n")) {
-        if (line.startsWith("event:")) kind = line.slice(6).trim();
-        else if (line.startsWith("data:")) data += line.slice(5).trim();
-      }
-      if (data) onEvent(kind, JSON.parse(data));
-    }
-  }
+// A stream refused for good: 401 signs out; anything else is shown by the page.
+function streamRefused(status) {
+  if (status === 401) signOut("Your token was not accepted. Sign in again.");
 }
 
-// Keeps a stream open for the life of the page, reconnecting after errors.
-function keepFollowing(path, signal, onEvent, liveEl) {
-  (async () => {
-    while (!signal.aborted) {
-      try {
-        if (liveEl) liveEl.className = "live";
-        await followEvents(path, signal, onEvent);
-        if (liveEl) liveEl.className = "live off";
-        return;
-      } catch (e) {
-        if (signal.aborted) return;
-        if (liveEl) liveEl.className = "live off";
-        await new Promise((r) => setTimeout(r, 2000));
-      }
-    }
-  })();
+// Asks before an action that cannot be undone, in an in-page dialog naming what it acts on.
+// Resolves true for `yes`; false for Back or Escape.
+function confirmAction(question, detail, yes) {
+  return new Promise((resolve) => {
+    const dialog = h("dialog", { id: "confirm", class: "confirm" },
+      h("p", { class: "question" }, question),
+      h("p", { class: "muted" }, detail),
+      h("form", { method: "dialog", class: "actions" },
+        h("button", { value: "yes", id: "confirm-yes", class: "danger" }, yes),
+        h("button", { value: "no", id: "confirm-no", class: "secondary", autofocus: true }, "Back")));
+    dialog.addEventListener("close", () => { dialog.remove(); resolve(dialog.returnValue === "yes"); });
+    document.body.append(dialog);
+    dialog.showModal();
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Sign-in.
 function signOut(message) {
+  stopRunFeed();
   sessionStorage.removeItem(TOKEN_KEY);
   session.token = null;
   session.scope = null;
@@ -141,7 +129,7 @@ function renderSignIn(main, message) {
         sessionStorage.setItem(TOKEN_KEY, session.token);
         navigate("/");
       } catch (e) {
-        if (!(e instanceof ApiError) || e.message !== "unauthorized") error.textContent = e.message;
+        if (!(e instanceof ApiError) || e.status !== 401) error.textContent = e.message;
       }
     },
   },
@@ -169,10 +157,10 @@ async function renderPipelines(main, signal) {
   };
   await load();
   let pending = null;
-  keepFollowing("/api/events", signal, () => {
+  followRuns(session.token, signal, live, () => {
     // Runs change in bursts: reload once per burst.
     if (!pending) pending = setTimeout(() => { pending = null; load().catch(() => {}); }, 300);
-  }, live);
+  }, () => load().catch(() => {}), streamRefused);
   const timer = setInterval(() => load().catch(() => {}), 30000); // ages and next fire times move on
   signal.addEventListener("abort", () => clearInterval(timer));
 }
@@ -222,7 +210,7 @@ function pipelineRow(p, notice, reload) {
     title: p.processes.map((d) => `${d.fingerprint} ${d.process_id}`).join("\n"),
   }, `${p.definitions} definitions`));
   return h("tr", { "data-pipeline": p.name },
-    cell("Pipeline", h("strong", {}, p.name), h("div", { class: "muted small" }, p.steps.join(" → ")),
+    cell("Pipeline", h("strong", { class: "name" }, breakable(p.name)), h("div", { class: "muted small" }, p.steps.join(" → ")),
       h("div", { class: "states" }, ...state),
       h("div", { class: "muted small", title: "fingerprint of the registered definition" }, p.fingerprint ? `definition ${p.fingerprint}` : "")),
     cell("Schedule", ...schedule),
@@ -266,9 +254,13 @@ async function renderRuns(main, signal, query) {
 
   const listQuery = new URLSearchParams(params);
   listQuery.set("limit", String(PAGE));
-  const { runs } = await api(`/api/runs?${listQuery}`);
-  body.replaceChildren(...runs.map(runRow));
-  if (!runs.length) body.append(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No runs.")));
+  const load = async () => {
+    const { runs } = await api(`/api/runs?${listQuery}`);
+    body.replaceChildren(...runs.map(runRow));
+    if (!runs.length) body.append(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No runs.")));
+    return runs;
+  };
+  const runs = await load();
   const firstPage = !params.get("before");
   if (!firstPage) pager.append(h("button", { class: "secondary", onclick: () => { params.delete("before"); navigate(`/runs?${params}`); } }, "← Newest"));
   if (runs.length === PAGE) {
@@ -277,7 +269,7 @@ async function renderRuns(main, signal, query) {
     pager.append(h("button", { class: "secondary", id: "older", onclick: () => navigate(`/runs?${older}`) }, "Older →"));
   }
 
-  keepFollowing("/api/events", signal, (kind, run) => {
+  followRuns(session.token, signal, live, (kind, run) => {
     if (kind !== "run") return;
     const existing = body.querySelector(`tr[data-run="${run.id}"]`);
     const matches = (!params.get("pipeline") || params.get("pipeline") === run.pipeline)
@@ -288,138 +280,19 @@ async function renderRuns(main, signal, query) {
       body.querySelector("td[colspan]")?.parentElement.remove();
       body.prepend(runRow(run));
     }
-  }, live);
+  }, () => load().catch(() => {}), streamRefused);
 }
 
 function runRow(r) {
   return h("tr", { "data-run": r.id },
     cell("Run", link(`/runs/${r.id}`, h("code", {}, shortId(r.id)))),
-    cell("Pipeline", r.pipeline),
+    cell("Pipeline", h("span", { class: "name" }, breakable(r.pipeline))),
     cell("Status", badge(r.status)),
-    cell("Batch", h("code", {}, r.batch_id)),
+    cell("Batch", h("code", {}, breakable(r.batch_id))),
     cell("Trigger", r.trigger),
     cell("Created", fmtTime(r.created_at)),
-    cell("Duration", fmtDuration(between(r.started_at, r.finished_at))),
-    cell("Rows loaded", r.rows_loaded ?? ""));
-}
-
-// ---------------------------------------------------------------------------------------------
-// Run page.
-async function renderRun(main, signal, id) {
-  const live = h("span", { class: "live" }, "live");
-  const header = h("div", { class: "card", id: "run-header" });
-  const actions = h("div", { class: "actions", id: "run-actions" });
-  const notice = h("div");
-  const steps = h("tbody", { id: "steps" });
-  main.replaceChildren(
-    h("h1", {}, "Run ", h("code", {}, shortId(id)), " ", live),
-    notice, header, actions,
-    h("h2", {}, "Steps"),
-    h("table", {}, h("thead", {}, h("tr", {},
-      ["Step", "State", "Attempts", "Duration", "Rows", "Output", "Error"].map((t) => h("th", {}, t)))), steps));
-
-  let run = null;
-  const drawRun = () => {
-    header.replaceChildren(h("dl", { class: "facts" },
-      h("dt", {}, "Pipeline"), h("dd", {}, link(`/runs?pipeline=${encodeURIComponent(run.pipeline)}`, run.pipeline)),
-      h("dt", {}, "Status"), h("dd", { id: "run-status" }, badge(run.status)),
-      h("dt", {}, "Batch"), h("dd", {}, h("code", {}, run.batch_id)),
-      h("dt", {}, "Trigger"), h("dd", {}, run.trigger),
-      run.retry_of ? [h("dt", {}, "Retry of"), h("dd", {}, link(`/runs/${run.retry_of}`, h("code", {}, shortId(run.retry_of))))] : [],
-      run.rerun_of ? [h("dt", {}, "Rerun of"), h("dd", {}, link(`/runs/${run.rerun_of}`, h("code", {}, shortId(run.rerun_of))))] : [],
-      h("dt", {}, "Created"), h("dd", {}, fmtTime(run.created_at)),
-      h("dt", {}, "Started"), h("dd", {}, fmtTime(run.started_at)),
-      h("dt", {}, "Finished"), h("dd", {}, fmtTime(run.finished_at)),
-      h("dt", {}, "Duration"), h("dd", {}, fmtDuration(between(run.started_at, run.finished_at))),
-      Object.keys(run.params || {}).length ? [h("dt", {}, "Params"), h("dd", {}, h("code", {}, JSON.stringify(run.params)))] : [],
-      run.error ? [h("dt", {}, "Error"), h("dd", { class: "error", id: "run-error" }, run.error)] : [],
-      definitionsFact(run)));
-    actions.replaceChildren();
-    if (session.scope !== "admin") return;
-    const act = (label, cls, path) => h("button", {
-      class: cls, id: `action-${label.toLowerCase()}`,
-      onclick: async (ev) => {
-        ev.target.disabled = true;
-        try {
-          const res = await post(`/api/runs/${id}/${path}`);
-          if (res.id && res.id !== id) navigate(`/runs/${res.id}`);
-        } catch (e) {
-          notice.replaceChildren(h("div", { class: "notice" }, e.message));
-          ev.target.disabled = false;
-        }
-      },
-    }, label);
-    if (run.status === "failed" || run.status === "cancelled") actions.append(act("Retry", "", "retry"));
-    if (FINAL.has(run.status)) actions.append(act("Rerun", "secondary", "rerun"));
-    if (!FINAL.has(run.status)) actions.append(act("Cancel", "danger", "cancel"));
-  };
-  const drawStep = (s) => {
-    const row = stepRow(s);
-    const existing = steps.querySelector(`tr[data-step="${s.name}"]`);
-    if (existing) existing.replaceWith(row); else steps.append(row);
-  };
-
-  keepFollowing(`/api/runs/${id}/events`, signal, (kind, data) => {
-    if (kind === "snapshot") {
-      run = data;
-      steps.replaceChildren();
-      data.steps.forEach(drawStep);
-      drawRun();
-    } else if (kind === "step") {
-      drawStep(data);
-    } else if (kind === "run" && run) {
-      Object.assign(run, data);
-      drawRun();
-    }
-  }, live);
-}
-
-// The pipeline definitions (config fingerprints) the run's steps ran under; more than one: its config
-// changed while it ran.
-function definitionsFact(run) {
-  const defs = run.definitions || [];
-  if (defs.length === 0) return [];
-  if (defs.length === 1) return [h("dt", {}, "Definition"), h("dd", {}, h("code", {}, defs[0]))];
-  const which = defs.map((f) => `${(run.steps || []).filter((s) => s.fingerprint === f).map((s) => s.name).join(", ")} under ${f}`);
-  return [h("dt", {}, "Definition"), h("dd", { class: "changed", id: "run-definitions" },
-    h("span", { class: "badge conflict" }, "config changed during the run"), " ", which.join("; "))];
-}
-
-function objectLink(uri) {
-  if (typeof uri !== "string") return null;
-  if (uri.startsWith("gs://")) {
-    const path = uri.slice(5);
-    return h("a", { href: `https://console.cloud.google.com/storage/browser/_details/${path}`, target: "_blank", rel: "noopener" }, uri);
-  }
-  return h("code", {}, uri);
-}
-
-function stepRow(s) {
-  const out = s.output || {};
-  const outputs = [];
-  if (out.object) outputs.push(h("div", { class: "object" }, objectLink(out.object)));
-  if (out.table) outputs.push(h("div", {}, "table ", h("code", {}, out.table)));
-  if (out.write === "merge") {
-    outputs.push(h("div", { class: "merge" },
-      `${out.inserted} inserted, ${out.updated} updated, ${out.unchanged} unchanged, ${out.deleted} deleted`));
-  }
-  if (out.skipped && Object.keys(out.skipped).length) {
-    const what = Object.entries(out.skipped).map(([k, v]) => `${k}: ${v}`).join(", ");
-    const keys = (out.skipped_keys || []).length ? ` (e.g. ${out.skipped_keys.join(", ")})` : "";
-    outputs.push(h("div", { class: "skipped" }, `left out: ${what}${keys}`));
-  }
-  if (out.reused_from_run || s.reused_from_run) outputs.push(h("div", { class: "muted small" }, "reused from ", link(`/runs/${s.reused_from_run}`, shortId(s.reused_from_run))));
-  const attempts = (s.attempt_log || []).map((a) =>
-    h("li", {}, `#${a.attempt} ${a.outcome} on ${a.worker_id}, ${fmtDuration(between(a.started_at, a.finished_at))}${a.fingerprint ? `, definition ${a.fingerprint}` : ""}`,
-      a.error ? h("div", { class: "error" }, a.error) : null));
-  return h("tr", { "data-step": s.name },
-    cell("Step", h("strong", {}, s.name)),
-    cell("State", badge(s.status)),
-    cell("Attempts", `${s.attempts} / ${s.max_attempts}`, attempts.length ? h("ul", { class: "attempts" }, attempts) : null),
-    cell("Duration", fmtDuration(between(s.started_at, s.finished_at))),
-    cell("Rows", out.rows ?? ""),
-    cell("Output", ...outputs),
-    cell("Error", s.error ? h("span", { class: "error" }, s.error) : ""));
+    cell("Duration", num(fmtDuration(between(r.started_at, r.finished_at)))),
+    cell("Rows loaded", num(r.rows_loaded ?? "")));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -456,7 +329,7 @@ async function route(message) {
     else if (path === "/runs") await renderRuns(main, signal, location.search);
     else await renderPipelines(main, signal);
   } catch (e) {
-    if (!(e instanceof ApiError && e.message === "unauthorized")) {
+    if (!(e instanceof ApiError && e.status === 401)) {
       main.replaceChildren(h("div", { class: "notice" }, e.message));
     }
   }
@@ -469,5 +342,9 @@ document.addEventListener("click", (ev) => {
   navigate(a.getAttribute("href"));
 });
 window.addEventListener("popstate", () => route());
+// Into the back/forward cache: close every stream (they hold connections other pages need); back
+// out of it: open them again.
+window.addEventListener("pagehide", () => { pageAbort?.abort(); stopRunFeed(); });
+window.addEventListener("pageshow", (ev) => { if (ev.persisted) route(); });
 document.getElementById("signout").addEventListener("click", () => signOut(""));
 route();
