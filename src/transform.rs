@@ -200,7 +200,11 @@ pub fn json_to_ndjson<R: Read, W: Write>(
         if e.is_io() {
             StepError::retryable(format!("cannot read the raw backup: {e}"))
         } else {
-            StepError::terminal(format!("the extract is not a JSON array of records: {e}"))
+            // serde quotes a text element where an object belongs: a row value, left out.
+            StepError::terminal(format!(
+                "the extract is not a JSON array of records: {}",
+                crate::keys::without_quoted_values(&e.to_string())
+            ))
         }
     })?;
     writer
@@ -536,6 +540,10 @@ columns = [
                 "expected a JSON array of objects",
             ),
             (&b"[1, 2]"[..], "invalid type: integer"),
+            (
+                &b"[\"Somchai 0812345678\"]"[..],
+                "invalid type: string \"\u{2026}\", expected a map",
+            ),
             (&b"[] trailing"[..], "trailing characters"),
         ] {
             let err = json_to_ndjson(&config(), input, Vec::new(), "b", at, None).unwrap_err();

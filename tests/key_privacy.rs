@@ -2,8 +2,8 @@
 //! runs under `crm-sync serve` against the fixture (3 repeated and 3 empty `store_id`s) with two
 //! webhooks: the run error, the step outputs, `crm-sync show`, the process's log and both webhook
 //! bodies name the dirty keys by count, row numbers and `key#<hash>`, never by value; with
-//! `show_key_values = true` the values are shown. A PostgreSQL data error leaves out the value it
-//! quotes.
+//! `show_key_values = true` the values are shown. The Qashier pipeline merged by store and customer
+//! name fails without quoting a name. A PostgreSQL data error leaves out the value it quotes.
 
 mod common;
 
@@ -309,4 +309,63 @@ async fn a_postgresql_data_error_leaves_out_the_value() {
         "{error}"
     );
     assert!(!error.contains(name), "{name} quoted: {error}");
+}
+
+/// The Qashier export merged by store and customer name (names repeat within a store): the failure
+/// names the repeated keys, a customer's name, by hash, never by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qashier_customer_key_is_never_quoted() {
+    let db = TestDb::new().await;
+    let fixture = common::qashier::quick_fixture().await;
+    let (secrets, backups) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let example = common::qashier::example_config(
+        &fixture,
+        crm_sync::fixtures::qashier::DEFAULT_PASSWORD,
+        secrets.path(),
+        backups.path(),
+    );
+    let text = common::merge_mode(&example).replace(
+        r#"key = ["store", "customer_name", "contact_number", "date_joined"]"#,
+        r#"key = ["store", "customer_name"]"#,
+    );
+    let config = db.config(&text).await;
+    let (run, status) =
+        common::run_pipeline(&db, &config, "qashier_customers", Duration::from_secs(120)).await;
+    let error = common::run_error(&db.pool, run).await;
+    assert_eq!(status, "failed", "{error}");
+    assert!(
+        error.contains("duplicate merge key store+customer_name (e.g. key#"),
+        "{error}"
+    );
+    // The names that repeat within a store, from the export as backed up.
+    let extract = common::step_output(&db.pool, run, "extract").await;
+    let path = extract["object"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("file://");
+    let mut csv = ::csv::Reader::from_path(path).unwrap();
+    let headers: Vec<String> = csv
+        .headers()
+        .unwrap()
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').to_string())
+        .collect();
+    let at = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let (store, customer) = (at("Store"), at("Customer"));
+    let mut seen: BTreeMap<(String, String), u32> = BTreeMap::new();
+    for record in csv.records() {
+        let r = record.unwrap();
+        *seen
+            .entry((r[store].to_string(), r[customer].to_string()))
+            .or_default() += 1;
+    }
+    let repeated: Vec<&String> = seen
+        .iter()
+        .filter(|((_, name), n)| **n > 1 && !name.is_empty())
+        .map(|((_, name), _)| name)
+        .collect();
+    assert!(!repeated.is_empty(), "the export repeats no name");
+    for name in repeated {
+        assert!(!error.contains(name.as_str()), "{name} quoted: {error}");
+    }
 }
