@@ -1,7 +1,7 @@
 //! Files that hold customer data or secrets (backups, staging objects, downloaded copies, the demo's
 //! token and secret files) are private to the user crm-sync runs as: directories 0700, files 0600.
-//! The mode is given when the file or directory is created, so it never depends on the umask and
-//! there is no moment when the file is readable by others before a chmod. Files are created with
+//! The mode is given when the file or directory is created, so a permissive umask (022, 002, 0)
+//! cannot widen it and there is no moment when the file is readable by others before a chmod. Files are created with
 //! `O_EXCL | O_NOFOLLOW`: an existing file or a symbolic link planted at the path is an error, never
 //! written through.
 
@@ -18,15 +18,6 @@ pub const FILE_MODE: u32 = 0o600;
 /// Creates `dir` and its missing parents with mode 0700 (directories that exist are left alone).
 pub fn create_dir_all(dir: &Path) -> io::Result<()> {
     DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)
-}
-
-/// [`create_dir_all`] for async code.
-pub async fn create_dir_all_async(dir: &Path) -> io::Result<()> {
-    tokio::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(dir)
-        .await
 }
 
 /// Options that create a new file with mode 0600 for writing: it must not exist yet, and a symbolic
