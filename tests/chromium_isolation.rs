@@ -184,6 +184,17 @@ struct Watched {
     elapsed: Duration,
 }
 
+impl Watched {
+    /// The browser process (the first seen: the one of the first launch), not one of its
+    /// children (`--type=renderer`, ...).
+    fn browser(&self) -> &Seen {
+        self.seen
+            .values()
+            .find(|s| !s.cmdline.contains("--type="))
+            .unwrap_or_else(|| panic!("the browser process was never seen: {:#?}", self.seen))
+    }
+}
+
 async fn watched_export(cfg: &BrowserExportConfig, work: &Path) -> Watched {
     let logs = Logs::default();
     let subscriber = tracing_subscriber::fmt()
@@ -221,16 +232,12 @@ async fn an_export_listens_on_no_tcp_port_and_keeps_its_files_private() {
     let dir = tempfile::tempdir().unwrap();
     let (fixture, cfg, work) = setup(dir.path()).await;
     let w = watched_export(&cfg, &work).await;
-    let got = w.result.expect("export");
+    let got = w.result.as_ref().expect("export");
     assert!(std::fs::read(&got.path).unwrap() == qashier::render_csv(fixture.config()));
     eprintln!("export took {:?}", w.elapsed);
 
     // The browser was seen, over a pipe, and none of its processes listened on TCP.
-    let browser = w
-        .seen
-        .values()
-        .find(|s| !s.cmdline.contains("--type="))
-        .unwrap_or_else(|| panic!("the browser process was never seen: {:#?}", w.seen));
+    let browser = w.browser();
     assert!(
         w.seen.len() > 2,
         "expected the browser and its children: {:#?}",
@@ -273,17 +280,13 @@ async fn the_sandbox_decision_is_logged_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     let (_fixture, cfg, work) = setup(dir.path()).await;
     let w = watched_export(&cfg, &work).await;
-    w.result.expect("export");
+    w.result.as_ref().expect("export");
     let line = w
         .logs
         .lines()
         .find(|l| l.contains("browser_export: chromium sandbox"))
         .unwrap_or_else(|| panic!("no sandbox line in the logs:\n{}", w.logs));
-    let browser = w
-        .seen
-        .values()
-        .find(|s| !s.cmdline.contains("--type="))
-        .expect("the browser process");
+    let browser = w.browser();
     if is_root() {
         assert!(
             line.contains("WARN")
@@ -309,7 +312,7 @@ async fn the_sandbox_decision_is_logged_with_its_reason() {
     let mut off = cfg.clone();
     off.sandbox = Some(false);
     let w = watched_export(&off, &dir.path().join("work-off")).await;
-    w.result.expect("export without the sandbox");
+    w.result.as_ref().expect("export without the sandbox");
     assert!(
         w.logs.lines().any(|l| l.contains(" INFO ")
             && l.contains("sandbox off")
@@ -387,7 +390,12 @@ async fn run_as_nobody(case: &str, wrapper: Option<&str>) -> String {
         "{}\n{stdout}\n{stderr}",
         out.status
     );
-    assert!(stderr.contains(&format!("{case} case ok")), "{stderr}");
+    let ok = format!("{case} case ok");
+    let line = stderr.lines().find(|l| l.contains(&ok));
+    eprintln!(
+        "{}",
+        line.unwrap_or_else(|| panic!("no {ok:?} in:\n{stderr}"))
+    );
     stderr
 }
 
@@ -438,12 +446,8 @@ async fn as_an_ordinary_user() {
     let dir = tempfile::tempdir().unwrap();
     let (_fixture, cfg, work) = setup(dir.path()).await;
     let w = watched_export(&cfg, &work).await;
-    w.result.expect("export");
-    let browser = w
-        .seen
-        .values()
-        .find(|s| !s.cmdline.contains("--type="))
-        .expect("the browser process");
+    w.result.as_ref().expect("export");
+    let browser = w.browser();
     for (pid, s) in &w.seen {
         assert!(s.listening.is_empty(), "{pid}: {:?}", s.listening);
     }

@@ -148,8 +148,8 @@ impl Chromium {
                 }) if decision.on => {
                     return Err(BrowserError::terminal(format!(
                         "Chromium cannot use its sandbox here ({line}): run crm-sync as an \
-                         ordinary user where user namespaces are allowed, or set \
-                         `sandbox = false` in the source config"
+                         ordinary user where user namespaces are allowed (or install Debian's \
+                         chromium-sandbox), or set `sandbox = false` in the source config"
                     )));
                 }
                 Err(failure) => return Err(failure.error),
