@@ -1,7 +1,8 @@
 #!/bin/sh
 # Writes a .env for docker-compose.yml (mode 600, never over an existing file) with a fresh random
-# value for every password and token (openssl rand -hex 32) and the stand-in CRMs' public demo
-# credentials. From the repository root:
+# value for every password (openssl rand -hex 32: safe in a database URL) and API token (openssl rand
+# -base64 32: serve wants at least 16 distinct characters, which a hex token lacks one time in four)
+# and the stand-in CRMs' public demo credentials. From the repository root:
 #   deploy/compose/new-env.sh            # writes ./.env
 #   deploy/compose/new-env.sh FILE       # writes FILE
 # Replace the EZFOCUS_* and QASHIER_* values with your real ones when you point
@@ -11,12 +12,13 @@ file=${1:-.env}
 umask 077
 set -C # noclobber: an existing file is an error, not overwritten
 secret() { openssl rand -hex 32; }
+token() { openssl rand -base64 32; }
 if ! {
   cat <<ENV
 POSTGRES_PASSWORD=$(secret)
 CRM_SYNC_DB_PASSWORD=$(secret)
-CRM_SYNC_ADMIN_TOKENS=$(secret)
-CRM_SYNC_READ_TOKENS=$(secret)
+CRM_SYNC_ADMIN_TOKENS=$(token)
+CRM_SYNC_READ_TOKENS=$(token)
 GRAFANA_ADMIN_PASSWORD=$(secret)
 # The stand-in CRMs of docker-compose.yml accept these (public demo credentials).
 EZFOCUS_ACCOUNTS_KEY=00000000-0000-4000-8000-00000000a001
