@@ -321,3 +321,36 @@ async fn a_request_not_answered_in_time_gets_408_but_event_streams_stay_open() {
         }
     }
 }
+
+#[tokio::test]
+async fn on_shutdown_a_request_in_flight_finishes_then_new_connections_are_refused() {
+    let db = TestDb::new().await;
+    let config = db
+        .config("[[pipelines]]\nname = \"noop\"\nsource = { kind = \"noop\" }\n")
+        .await;
+    let api = ApiServer::start(&db, &config, ADMIN, READER).await;
+    let addr = api.base.trim_start_matches("http://").to_string();
+    let mut conn = TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/pipelines/noop/runs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(api); // cancels the server's shutdown token
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn.write_all(b"}").await.unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(5), status_line(&mut conn))
+        .await
+        .expect("the request in flight was not answered");
+    assert!(line.starts_with("HTTP/1.1 202"), "{line:?}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
+        .await
+        .expect("the connection stayed open after its last answer")
+        .unwrap();
+    assert!(
+        TcpStream::connect(&addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
