@@ -52,13 +52,15 @@ pub struct AppState {
 impl AppState {
     /// State for the full API: fresh process metrics and the cluster gauges.
     pub fn new(pool: Db, config: Arc<Config>, tokens: Tokens) -> Self {
+        let auth_failures =
+            auth_failures::AuthFailures::new(config.server.auth_failures_per_minute);
         Self {
             pool,
             config,
             tokens: Arc::new(tokens),
             metrics: Metrics::new(),
             cluster: Some(Arc::new(ClusterMetrics::new())),
-            auth_failures: Arc::default(),
+            auth_failures: Arc::new(auth_failures),
         }
     }
 
@@ -72,6 +74,7 @@ impl AppState {
 /// The whole HTTP surface of `serve`: the API, health, metrics and the console.
 pub fn router(state: AppState) -> Router {
     let (router, doc) = documented_routes(Some(request_timeout(&state))).split_for_parts();
+    let doc = openapi::with_lockout(doc);
     router
         .merge(console::router().layer(request_timeout(&state)))
         .layer(axum::Extension(Arc::new(doc)))
@@ -91,7 +94,7 @@ pub fn ops_router(state: AppState) -> Router {
 
 /// The OpenAPI document of [`router`].
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    documented_routes(None).split_for_parts().1
+    openapi::with_lockout(documented_routes(None).split_for_parts().1)
 }
 
 /// The routes of [`router`]; `timeout` applies to all but the event streams (long-lived).
