@@ -263,3 +263,94 @@ async fn serve_refuses_weak_and_placeholder_tokens_and_says_how_to_make_one() {
         "a strong token was refused"
     );
 }
+
+/// The status line the server answers on `conn`, if any before it closes.
+async fn status_line(conn: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(2).any(|w| w == b"\r\n") {
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    text.lines().next().unwrap_or("").to_string()
+}
+
+#[tokio::test]
+async fn a_request_not_answered_in_time_gets_408_but_event_streams_stay_open() {
+    let db = TestDb::new().await;
+    let config = db
+        .config(
+            "[server]\nrequest_timeout = \"1s\"\n\n[[pipelines]]\nname = \"noop\"\nsource = { kind = \"noop\" }\n",
+        )
+        .await;
+    let api = ApiServer::start(&db, &config, ADMIN, READER).await;
+    let addr = api.base.trim_start_matches("http://");
+    // Headers complete (so the header timer is done), the body never: only the request timeout ends it.
+    let mut slow_body = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /api/pipelines/noop/runs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"params\": "
+    );
+    slow_body.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let line = tokio::time::timeout(Duration::from_secs(5), status_line(&mut slow_body))
+        .await
+        .expect("no answer within 5 s to a request whose body never ends");
+    assert!(line.starts_with("HTTP/1.1 408"), "{line:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let mut events = TcpStream::connect(addr).await.unwrap();
+    let get =
+        format!("GET /api/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\r\n");
+    events.write_all(get.as_bytes()).await.unwrap();
+    assert!(status_line(&mut events).await.starts_with("HTTP/1.1 200"));
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < deadline {
+        match tokio::time::timeout_at(deadline.into(), events.read(&mut buf)).await {
+            Err(_) => break, // still open, nothing more to say
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(r) => panic!("the event stream ended before 2.5 s (request_timeout 1s): {r:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn on_shutdown_a_request_in_flight_finishes_then_new_connections_are_refused() {
+    let db = TestDb::new().await;
+    let config = db
+        .config("[[pipelines]]\nname = \"noop\"\nsource = { kind = \"noop\" }\n")
+        .await;
+    let api = ApiServer::start(&db, &config, ADMIN, READER).await;
+    let addr = api.base.trim_start_matches("http://").to_string();
+    let mut conn = TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/pipelines/noop/runs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(api); // cancels the server's shutdown token
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn.write_all(b"}").await.unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(5), status_line(&mut conn))
+        .await
+        .expect("the request in flight was not answered");
+    assert!(line.starts_with("HTTP/1.1 202"), "{line:?}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
+        .await
+        .expect("the connection stayed open after its last answer")
+        .unwrap();
+    assert!(
+        TcpStream::connect(&addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}

@@ -1,6 +1,6 @@
 //! Failed authentications by client address: logged at most once a minute per address (with how
 //! many were not logged since), and refused with 429 for the rest of a minute in which an address
-//! presented [`MAX_FAILURES`] wrong tokens. The refusal comes before the token is looked at, so a
+//! presented `[server] auth_failures_per_minute` wrong tokens (0: never refused). The refusal comes before the token is looked at, so a
 //! locked-out address cannot keep guessing (its right token waits too, until `Retry-After`).
 //!
 //! IPv6 addresses count by /64 (one host usually holds a whole /64). The table holds at most
@@ -11,15 +11,14 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Wrong tokens from one address in one [`WINDOW`] before it is refused for the rest of it.
-pub const MAX_FAILURES: u32 = 10;
 /// The counting window, and the least time between two log lines about one address.
 pub const WINDOW: Duration = Duration::from_secs(60);
 /// Addresses remembered at once.
 pub const MAX_ADDRESSES: usize = 10_000;
 
-#[derive(Default)]
 pub struct AuthFailures {
+    /// Wrong tokens from one address in one [`WINDOW`] before it is refused for the rest of it.
+    limit: u32,
     table: Mutex<HashMap<Option<IpAddr>, Entry>>,
 }
 
@@ -32,6 +31,13 @@ struct Entry {
 }
 
 impl AuthFailures {
+    pub fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            table: Mutex::default(),
+        }
+    }
+
     /// `Err(retry after)` when `peer` is locked out now (the refusal is counted for the next line).
     pub fn check(&self, peer: Option<IpAddr>) -> Result<(), Duration> {
         let now = Instant::now();
@@ -40,7 +46,7 @@ impl AuthFailures {
             return Ok(());
         };
         let elapsed = now.duration_since(entry.window_start);
-        if entry.failures >= MAX_FAILURES && elapsed < WINDOW {
+        if self.limit > 0 && entry.failures >= self.limit && elapsed < WINDOW {
             entry.unlogged += 1;
             return Err(WINDOW - elapsed);
         }
@@ -79,7 +85,7 @@ impl AuthFailures {
             reason,
             failures_this_minute = entry.failures,
             not_logged_since_last_line = entry.unlogged,
-            locked_out = entry.failures >= MAX_FAILURES,
+            locked_out = self.limit > 0 && entry.failures >= self.limit,
             "API authentication failed"
         );
         entry.logged_at = Some(now);
@@ -136,25 +142,30 @@ mod tests {
 
     #[test]
     fn an_address_is_refused_after_max_failures_and_others_are_not() {
-        let f = AuthFailures::default();
+        let f = AuthFailures::new(10);
         let a = Some(IpAddr::from([10, 0, 0, 1]));
-        for _ in 0..MAX_FAILURES {
+        for _ in 0..10 {
             assert!(f.check(a).is_ok());
             f.record(a, "wrong_token");
         }
         let retry = f.check(a).unwrap_err();
         assert!(retry <= WINDOW && retry > WINDOW - Duration::from_secs(5));
         assert!(f.check(Some(IpAddr::from([10, 0, 0, 2]))).is_ok());
+        let never = AuthFailures::new(0);
+        for _ in 0..100 {
+            never.record(a, "wrong_token");
+        }
+        assert!(never.check(a).is_ok());
     }
 
     #[test]
     fn the_table_stays_bounded_and_ipv6_counts_by_slash_64() {
-        let f = AuthFailures::default();
+        let f = AuthFailures::new(10);
         for i in 0..(MAX_ADDRESSES as u32 + 50) {
             f.record(Some(IpAddr::from(i.to_be_bytes())), "wrong_token");
         }
         assert_eq!(f.len(), MAX_ADDRESSES);
-        let g = AuthFailures::default();
+        let g = AuthFailures::new(10);
         for i in 0..20u16 {
             g.record(
                 Some(IpAddr::from([0x2001, 0xdb8, 1, 2, i, 7, 7, i])),

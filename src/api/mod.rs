@@ -60,6 +60,8 @@ impl AppState {
             total: config.server.max_event_streams,
             per_token: config.server.max_event_streams_per_token,
         };
+        let auth_failures =
+            auth_failures::AuthFailures::new(config.server.auth_failures_per_minute);
         Self {
             feed: feed::ChangeFeed::new(pool.clone(), limits),
             pool,
@@ -67,7 +69,7 @@ impl AppState {
             tokens: Arc::new(tokens),
             metrics: Metrics::new(),
             cluster: Some(Arc::new(ClusterMetrics::new())),
-            auth_failures: Arc::default(),
+            auth_failures: Arc::new(auth_failures),
         }
     }
 
@@ -81,6 +83,7 @@ impl AppState {
 /// The whole HTTP surface of `serve`: the API, health, metrics and the console.
 pub fn router(state: AppState) -> Router {
     let (router, doc) = documented_routes(Some(request_timeout(&state))).split_for_parts();
+    let doc = openapi::with_lockout(doc);
     router
         .merge(console::router().layer(request_timeout(&state)))
         .layer(axum::Extension(Arc::new(doc)))
@@ -100,7 +103,7 @@ pub fn ops_router(state: AppState) -> Router {
 
 /// The OpenAPI document of [`router`].
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    documented_routes(None).split_for_parts().1
+    openapi::with_lockout(documented_routes(None).split_for_parts().1)
 }
 
 /// The routes of [`router`]; `timeout` applies to all but the event streams (long-lived).

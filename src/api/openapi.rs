@@ -70,3 +70,28 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn openapi_json(Extension(doc): Extension<Arc<OpenApi>>) -> Json<OpenApi> {
     Json(OpenApi::clone(&doc))
 }
+
+/// Adds the lockout's 429 to every operation that may answer 401 (every one that takes a token):
+/// an address that sent too many wrong tokens gets it, whatever route it asks for.
+pub fn with_lockout(mut doc: OpenApi) -> OpenApi {
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in operations.into_iter().flatten() {
+            let responses = &mut op.responses.responses;
+            if let Some(utoipa::openapi::RefOr::T(unauthorized)) = responses.get("401") {
+                let mut locked = unauthorized.clone();
+                locked.description = "Too many wrong tokens from this address: retry after \
+                                      `Retry-After` seconds"
+                    .into();
+                responses.insert("429".into(), utoipa::openapi::RefOr::T(locked));
+            }
+        }
+    }
+    doc
+}

@@ -6,6 +6,8 @@
 //! - `request_timeout`: how long a request may take to be answered (408 after it); the event streams
 //!   (`/api/events`, `/api/runs/{id}/events`) are long-lived and exempt.
 //! - `max_connections`: connections served at once; lowered at start to what the process may open.
+//! - `auth_failures_per_minute`: wrong tokens from one address in a minute before it gets 429 for
+//!   the rest of the minute; 0 turns the lockout off (behind a proxy every client has its address).
 
 use std::time::Duration;
 
@@ -21,6 +23,10 @@ pub(super) fn request_timeout() -> Duration {
 
 pub(super) fn max_connections() -> usize {
     1000
+}
+
+pub(super) fn auth_failures_per_minute() -> u32 {
+    10
 }
 
 pub(super) fn check(s: &ServerConfig, line: Option<usize>, issues: &mut Vec<ConfigIssue>) {

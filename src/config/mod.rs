@@ -79,6 +79,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     #[serde(default = "http_limits::max_connections")]
     pub max_connections: usize,
+    #[serde(default = "http_limits::auth_failures_per_minute")]
+    pub auth_failures_per_minute: u32,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +94,7 @@ impl Default for ServerConfig {
             header_timeout: http_limits::header_timeout(),
             request_timeout: http_limits::request_timeout(),
             max_connections: http_limits::max_connections(),
+            auth_failures_per_minute: http_limits::auth_failures_per_minute(),
         }
     }
 }
