@@ -25,8 +25,9 @@ async fn setup(dir: &Path) -> (QashierFixture, BrowserExportConfig, PathBuf) {
     .expect("qashier fixture");
     let user = dir.join("user");
     let pass = dir.join("pass");
-    std::fs::write(&user, qashier::DEFAULT_USERNAME).unwrap();
-    std::fs::write(&pass, qashier::DEFAULT_PASSWORD).unwrap();
+    // Secret files others cannot read (crm-sync refuses them otherwise).
+    crm_sync::private_fs::write_new(&user, qashier::DEFAULT_USERNAME.as_bytes()).unwrap();
+    crm_sync::private_fs::write_new(&pass, qashier::DEFAULT_PASSWORD.as_bytes()).unwrap();
     let cfg = BrowserExportConfig::new(
         fixture.login_url(),
         SecretRef::file(user),

@@ -161,7 +161,8 @@ async fn failed_run(edit: impl Fn(&str) -> String) -> Evidence {
 /// A webhook URL in a secret file; returns the TOML reference.
 fn url_file(dir: &Path, name: &str, url: &str) -> String {
     let path = dir.join(name);
-    std::fs::write(&path, url).unwrap();
+    // Others may not read a secret file (crm-sync refuses it otherwise).
+    crm_sync::private_fs::write_new(&path, url.as_bytes()).unwrap();
     format!("{{ file = \"{}\" }}", path.display())
 }
 
