@@ -278,3 +278,32 @@ async fn with_gcp_settings_the_demo_also_loads_bigquery_through_gcs() {
         raw.display()
     );
 }
+
+#[tokio::test]
+async fn a_weak_admin_token_left_by_an_earlier_demo_is_refused_with_how_to_make_one() {
+    let db = missing_database().await;
+    let cwd = tempfile::tempdir().unwrap();
+    let demo_dir = cwd.path().join("crm-sync-demo");
+    std::fs::create_dir(&demo_dir).unwrap();
+    let token_file = demo_dir.join("admin-token");
+    crm_sync::private_fs::write_new(&token_file, b"aaaaaaaaaaaaaaaa\n").unwrap();
+    let listen = format!("127.0.0.1:{}", common::emulators::free_port());
+    let out = demo(&db, cwd.path(), &["--listen", &listen, "--exit"])
+        .env("CHROMIUM", "/nonexistent/chromium")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: token 1 of 1 is too weak",
+            token_file.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("openssl rand -base64 32"), "{stderr}");
+    assert!(
+        !stderr.contains("aaaaaaaaaaaaaaaa"),
+        "the token is not echoed: {stderr}"
+    );
+}

@@ -154,7 +154,11 @@ async fn a_wrong_password_fails_at_once_with_a_screenshot() {
     let shot = std::path::Path::new(shot);
     assert_eq!(crm_sync::private_fs::mode(shot).unwrap(), 0o600, "{shot:?}");
     let folder = shot.parent().unwrap();
-    assert_eq!(crm_sync::private_fs::mode(folder).unwrap(), 0o700, "{folder:?}");
+    assert_eq!(
+        crm_sync::private_fs::mode(folder).unwrap(),
+        0o700,
+        "{folder:?}"
+    );
     assert_eq!(s.fixture.counts().downloads, 0);
 }
 
