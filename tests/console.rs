@@ -960,6 +960,45 @@ async fn the_live_state_follows_the_server() {
     .await;
 }
 
+/// A server at its cap on event streams answers the console's stream with 429: the console says it is
+/// disconnected and retrying (no blank page, no error loop), and goes live once a slot is free.
+#[tokio::test]
+async fn a_stream_refused_with_429_is_retried_until_a_slot_frees() {
+    let db = TestDb::new().await;
+    let mut config = db.config(CONFIG).await;
+    config.server.max_event_streams = 1;
+    let console = ApiServer::start(&db, &config, ADMIN, READER).await;
+    // Another client holds the only slot.
+    let holder = reqwest::Client::new()
+        .get(format!("{}/api/events", console.base))
+        .bearer_auth(READER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(holder.status(), reqwest::StatusCode::OK);
+    let chromium = Chromium::launch().await;
+    let page = chromium.open(&console.base).await;
+    sign_in(&page, ADMIN).await;
+    let live = "document.querySelector('h1 .live')";
+    wait_for(
+        &page,
+        &format!(
+            "{live}?.dataset.state === 'retrying' && {live}.textContent === 'disconnected, retrying'"
+        ),
+        Duration::from_secs(15),
+        "disconnected, retrying while the server is at its cap",
+    )
+    .await;
+    drop(holder);
+    wait_for(
+        &page,
+        &format!("{live}.dataset.state === 'live'"),
+        Duration::from_secs(60),
+        "live once the slot is free",
+    )
+    .await;
+}
+
 /// Defect 7: ten console tabs in one browser all load and stay live on one event stream (six
 /// HTTP/1.1 connections per host: with a stream per tab, the seventh never loads); when the tab
 /// holding it closes, another takes over.
