@@ -2,6 +2,8 @@
 //! triggered, read, retried and cancelled, and clear JSON errors for bad input.
 
 mod common;
+#[path = "api/http_server.rs"]
+mod http_server;
 #[path = "api/streams.rs"]
 mod streams;
 

@@ -3,6 +3,8 @@
 //! missing keys fail validation naming them; a truncated extract trips the deletion guard.
 
 mod common;
+#[path = "merge/key_privacy.rs"]
+mod key_privacy;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -4,6 +4,10 @@
 //! check-config, ports agree everywhere, and the image builds from the files the build needs.
 
 mod common;
+#[path = "packaging/compose_database_role.rs"]
+mod compose_database_role;
+#[path = "packaging/compose_security.rs"]
+mod compose_security;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

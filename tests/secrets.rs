@@ -9,6 +9,8 @@
 //! the webhook requests, backup objects (names and contents).
 
 mod common;
+#[path = "secrets/private_files.rs"]
+mod private_files;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! required, and `deploy/compose/new-env.sh` writes a private .env that satisfies it all. No Docker
 //! engine here, so the file is read as compose reads it.
 
-mod common;
+use super::common;
 
 use std::collections::BTreeMap;
 use std::process::Command;

@@ -5,7 +5,7 @@
 //! the EZ Focus reference pipeline end to end into PostgreSQL. The role and database are dropped
 //! afterwards.
 
-mod common;
+use super::common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

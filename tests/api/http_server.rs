@@ -3,7 +3,7 @@
 //! makes room; a burst of wrong tokens is refused with 429, logged once with the address, counted;
 //! `serve` refuses weak and placeholder tokens.
 
-mod common;
+use super::common;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -5,7 +5,7 @@
 //! `show_key_values = true` the values are shown. The Qashier pipeline merged by store and customer
 //! name fails without quoting a name. A PostgreSQL data error leaves out the value it quotes.
 
-mod common;
+use super::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! or that group or other users can write, are refused, as libpq refuses such a `.pgpass`, with
 //! the file, its mode and the fix; group-readable ones are accepted with a warning.
 
-mod common;
+use super::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
