@@ -167,18 +167,14 @@ pub async fn validate(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<Va
     // Rows the transform left out for their keys (its checkpoint is a TransformStats plus the
     // staging object's fields): at most `skip_dirty_keys` of them.
     let transform::TransformStats {
+        rows,
         skipped,
         skipped_keys,
         ..
-    } = ctx
-        .inputs
-        .get(TRANSFORM)
-        .and_then(|o| serde_json::from_value(o.clone()).ok())
-        .unwrap_or_default();
+    } = transform_stats(&ctx.inputs)?;
     let staging_copy =
         backup::local_copy(input_str(ctx, TRANSFORM, "object")?, &pipeline.backup).await?;
     let staging = staging_copy.path.clone();
-    let rows = input(ctx, TRANSFORM, "rows")?.as_u64().unwrap_or(0);
     let previous = previous_rows(ctx).await?;
     let keys = KeyDisplay::for_pipeline(pipeline);
     let report: ValidationReport = tokio::task::spawn_blocking(move || {
@@ -297,6 +293,22 @@ pub async fn load(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<StepDo
 }
 
 /// A field of an earlier step's checkpoint.
+/// The transform's checkpoint read as its statistics. A checkpoint that does not read as them (a
+/// shape drift, a hand-edited row) is a terminal error naming the field: a default would turn skipped
+/// rows into none and bypass the `skip_dirty_keys` cap.
+fn transform_stats(inputs: &Value) -> Result<transform::TransformStats, StepError> {
+    let checkpoint = inputs
+        .get(TRANSFORM)
+        .ok_or_else(|| StepError::terminal(format!("the {TRANSFORM} checkpoint is missing")))?;
+    serde_path_to_error::deserialize(checkpoint).map_err(|e| {
+        StepError::terminal(format!(
+            "the {TRANSFORM} checkpoint does not read as transform statistics: field `{}`: {}",
+            e.path(),
+            e.inner()
+        ))
+    })
+}
+
 fn input<'a>(ctx: &'a StepContext, step: &str, field: &str) -> Result<&'a Value, StepError> {
     ctx.inputs
         .get(step)
@@ -326,4 +338,45 @@ async fn previous_rows(ctx: &StepContext) -> Result<Option<u64>, StepError> {
     .map_err(StepError::from_db)?
     .flatten();
     Ok(rows.map(|r| r.max(0) as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transform_checkpoint_of_another_shape_fails_loudly_naming_the_field() {
+        let good = json!({ "transform": {
+            "object": "file:///x", "rows": 3, "warnings": {}, "dropped_fields": [],
+            "skipped": { "duplicate id": 2 }, "skipped_keys": ["key#00000000 at row 2"],
+        }});
+        let stats = transform_stats(&good).unwrap();
+        assert_eq!((stats.rows, stats.skipped["duplicate id"]), (3, 2));
+        // Written before rows were skipped at all: no skipped fields, none skipped.
+        let older = json!({ "transform": { "rows": 3, "warnings": {}, "dropped_fields": [] } });
+        assert!(transform_stats(&older).unwrap().skipped.is_empty());
+
+        let drifted = json!({ "transform": {
+            "rows": 3, "warnings": {}, "dropped_fields": [], "skipped": { "duplicate id": "two" },
+        }});
+        let e = transform_stats(&drifted).unwrap_err();
+        assert!(!e.is_retryable(), "{e}");
+        let message = e.to_string();
+        assert!(
+            message.contains("field `skipped.duplicate id`"),
+            "{message}"
+        );
+        assert!(
+            message.contains("invalid type: string \"two\""),
+            "{message}"
+        );
+        let missing = transform_stats(&json!({})).unwrap_err().to_string();
+        assert!(
+            missing.contains("the transform checkpoint is missing"),
+            "{missing}"
+        );
+        let no_rows = json!({ "transform": { "warnings": {}, "dropped_fields": [] } });
+        let e = transform_stats(&no_rows).unwrap_err().to_string();
+        assert!(e.contains("missing field `rows`"), "{e}");
+    }
 }
