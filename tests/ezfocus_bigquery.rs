@@ -97,6 +97,18 @@ async fn accounts_land_in_bigquery_with_the_raw_answer_backed_up_in_gcs() {
         .unwrap();
     assert_eq!(status, "succeeded", "{error:?}");
 
+    // The dataset was created where the example's `location` says (its seed lives in Montreal).
+    let dataset: serde_json::Value = reqwest::get(format!(
+        "{}/bigquery/v2/projects/{PROJECT}/datasets/crm",
+        s.bq.base_url()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(dataset["location"], "northamerica-northeast1", "{dataset}");
+
     // The raw backup object in the bucket is the fixture's answer, byte for byte.
     let extract = output(&s.db, run, "extract").await;
     let uri = extract["object"].as_str().unwrap();

@@ -18,16 +18,21 @@ pub struct Target<'a> {
     pub dataset: &'a str,
     pub table: &'a str,
     pub endpoint: Option<&'a str>,
+    /// Where a new dataset goes and jobs run; `None`: BigQuery's default.
+    pub location: Option<&'a str>,
     pub credentials: &'a CredentialsConfig,
 }
 
 impl Target<'_> {
     /// A client for the target's project, with its dataset created if missing.
     async fn connect(&self) -> Result<BigQueryLoader, StepError> {
-        let loader =
+        let mut loader =
             BigQueryLoader::new(self.endpoint.map(str::to_string), self.credentials.into())
                 .await
                 .map_err(bq_error)?;
+        if let Some(location) = self.location {
+            loader = loader.with_location(location);
+        }
         loader
             .ensure_dataset(self.project, self.dataset)
             .await

@@ -54,6 +54,10 @@ pub enum DestinationConfig {
         /// An emulator's base URL (ending before `/bigquery/v2`); production leaves it out.
         #[serde(default)]
         endpoint: Option<String>,
+        /// Where a new dataset is created and jobs run (e.g. `northamerica-northeast1`, `EU`);
+        /// without it BigQuery's default, `US`.
+        #[serde(default)]
+        location: Option<String>,
         #[serde(default)]
         credentials: CredentialsConfig,
         /// As for `postgres`: `replace` (a WRITE_TRUNCATE load job) or `merge` (a load job into a
@@ -213,6 +217,7 @@ impl DestinationConfig {
                 project,
                 dataset,
                 table,
+                location,
                 write,
                 key,
                 max_delete_share,
@@ -229,8 +234,38 @@ impl DestinationConfig {
                         return Err(format!("BigQuery {what} \"{name}\" is not a valid name"));
                     }
                 }
+                if let Some(l) = location {
+                    let ok = !l.is_empty()
+                        && l.len() <= 64
+                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+                    if !ok {
+                        return Err(format!(
+                            "BigQuery location \"{l}\" is not a location such as \"northamerica-northeast1\" or \"EU\""
+                        ));
+                    }
+                }
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bigquery(location: &str) -> DestinationConfig {
+        toml::from_str(&format!(
+            "kind = \"bigquery\"\nproject = \"p\"\ndataset = \"d\"\ntable = \"t\"\nlocation = \"{location}\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_bigquery_location_is_checked() {
+        assert!(bigquery("northamerica-northeast1").check().is_ok());
+        assert!(bigquery("EU").check().is_ok());
+        let e = bigquery("us central/1").check().unwrap_err();
+        assert!(e.contains("\"us central/1\" is not a location"), "{e}");
     }
 }

@@ -262,6 +262,7 @@ pub async fn load(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<StepDo
             dataset,
             table,
             endpoint,
+            location,
             credentials,
             ..
         }) => {
@@ -270,6 +271,7 @@ pub async fn load(pipeline: &PipelineConfig, ctx: &StepContext) -> Result<StepDo
                 dataset,
                 table,
                 endpoint: endpoint.as_deref(),
+                location: location.as_deref(),
                 credentials,
             };
             let schema =
