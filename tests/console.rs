@@ -930,34 +930,43 @@ async fn the_live_state_follows_the_server() {
     let chromium = Chromium::launch().await;
     let page = chromium.open(&relay.base).await;
     sign_in(&page, ADMIN).await;
-    let live = "document.querySelector('h1 .live')";
-    wait_for(
-        &page,
-        &format!("{live}.dataset.state === 'live'"),
-        Duration::from_secs(15),
-        "live",
-    )
-    .await;
+    wait_for_live_badge(&page, "live", None, Duration::from_secs(15), "live").await;
 
     relay.cut().await;
-    wait_for(
+    wait_for_live_badge(
         &page,
-        &format!(
-            "{live}.dataset.state === 'retrying' && {live}.textContent === 'disconnected, retrying'"
-        ),
+        "retrying",
+        Some("disconnected, retrying"),
         Duration::from_secs(15),
         "disconnected, retrying",
     )
     .await;
     screenshot(&page, "18-disconnected").await;
     relay.resume().await;
-    wait_for(
+    wait_for_live_badge(
         &page,
-        &format!("{live}.dataset.state === 'live' && {live}.textContent === 'live'"),
+        "live",
+        Some("live"),
         Duration::from_secs(45),
         "live again",
     )
     .await;
+}
+
+/// Waits until the console's live badge is in `state` (and reads `text`, if given).
+async fn wait_for_live_badge(
+    page: &Page,
+    state: &str,
+    text: Option<&str>,
+    timeout: Duration,
+    what: &str,
+) {
+    let live = "document.querySelector('h1 .live')";
+    let mut condition = format!("{live}?.dataset.state === '{state}'");
+    if let Some(text) = text {
+        condition.push_str(&format!(" && {live}.textContent === '{text}'"));
+    }
+    wait_for(page, &condition, timeout, what).await;
 }
 
 /// A server at its cap on event streams answers the console's stream with 429: the console says it is
@@ -979,20 +988,19 @@ async fn a_stream_refused_with_429_is_retried_until_a_slot_frees() {
     let chromium = Chromium::launch().await;
     let page = chromium.open(&console.base).await;
     sign_in(&page, ADMIN).await;
-    let live = "document.querySelector('h1 .live')";
-    wait_for(
+    wait_for_live_badge(
         &page,
-        &format!(
-            "{live}?.dataset.state === 'retrying' && {live}.textContent === 'disconnected, retrying'"
-        ),
+        "retrying",
+        Some("disconnected, retrying"),
         Duration::from_secs(15),
         "disconnected, retrying while the server is at its cap",
     )
     .await;
     drop(holder);
-    wait_for(
+    wait_for_live_badge(
         &page,
-        &format!("{live}.dataset.state === 'live'"),
+        "live",
+        None,
         Duration::from_secs(60),
         "live once the slot is free",
     )

@@ -43,6 +43,15 @@ fn demo(db: &TestDb, cwd: &std::path::Path, args: &[&str]) -> Command {
     cmd
 }
 
+/// `demo --exit` in `cwd` on a free port, with no Chromium to be found.
+fn demo_once_without_chromium(db: &TestDb, cwd: &std::path::Path) -> std::process::Output {
+    let listen = format!("127.0.0.1:{}", common::emulators::free_port());
+    demo(db, cwd, &["--listen", &listen, "--exit"])
+        .env("CHROMIUM", "/nonexistent/chromium")
+        .output()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn demo_runs_both_pipelines_then_serves_the_console_until_ctrl_c() {
     let db = missing_database().await;
@@ -158,18 +167,15 @@ async fn without_chromium_the_demo_runs_ez_focus_and_says_how_to_install_it() {
     // An admin token left readable by everyone (an older demo): not trusted, replaced.
     let demo_dir = cwd.path().join("crm-sync-demo");
     std::fs::create_dir(&demo_dir).unwrap();
-    let old_token = "demo-world-readable-0123456789abcdef";
-    std::fs::write(demo_dir.join("admin-token"), old_token).unwrap();
+    // A random value, so no token is written into the test itself.
+    let old_token = format!("demo-world-readable-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(demo_dir.join("admin-token"), &old_token).unwrap();
     std::fs::set_permissions(
         demo_dir.join("admin-token"),
         std::os::unix::fs::PermissionsExt::from_mode(0o644),
     )
     .unwrap();
-    let listen = format!("127.0.0.1:{}", common::emulators::free_port());
-    let out = demo(&db, cwd.path(), &["--listen", &listen, "--exit"])
-        .env("CHROMIUM", "/nonexistent/chromium")
-        .output()
-        .unwrap();
+    let out = demo_once_without_chromium(&db, cwd.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -209,11 +215,7 @@ async fn the_demo_refuses_a_symbolic_link_in_place_of_its_admin_token() {
     // Planted by another user: a link to where they could read what the demo writes.
     let planted = cwd.path().join("planted-token");
     std::os::unix::fs::symlink(&planted, demo_dir.join("admin-token")).unwrap();
-    let listen = format!("127.0.0.1:{}", common::emulators::free_port());
-    let out = demo(&db, cwd.path(), &["--listen", &listen, "--exit"])
-        .env("CHROMIUM", "/nonexistent/chromium")
-        .output()
-        .unwrap();
+    let out = demo_once_without_chromium(&db, cwd.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -287,11 +289,7 @@ async fn a_weak_admin_token_left_by_an_earlier_demo_is_refused_with_how_to_make_
     std::fs::create_dir(&demo_dir).unwrap();
     let token_file = demo_dir.join("admin-token");
     crm_sync::private_fs::write_new(&token_file, b"aaaaaaaaaaaaaaaa\n").unwrap();
-    let listen = format!("127.0.0.1:{}", common::emulators::free_port());
-    let out = demo(&db, cwd.path(), &["--listen", &listen, "--exit"])
-        .env("CHROMIUM", "/nonexistent/chromium")
-        .output()
-        .unwrap();
+    let out = demo_once_without_chromium(&db, cwd.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
