@@ -169,10 +169,12 @@ impl FromRequestParts<AppState> for Caller {
     /// A request with no `Authorization` header is refused quietly (the console asks before
     /// sign-in); a wrong or malformed one counts as a failed authentication of its address.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
+        if !parts
             .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or(ApiError::Unauthorized)?;
+            .contains_key(axum::http::header::AUTHORIZATION)
+        {
+            return Err(ApiError::Unauthorized);
+        }
         // The peer is known when served by `serve_router`; not for a router called directly.
         let peer = parts
             .extensions
@@ -183,11 +185,7 @@ impl FromRequestParts<AppState> for Caller {
             failures.with_label_values(&["locked_out"]).inc();
             return Err(ApiError::TooManyAuthFailures(retry.as_secs().max(1)));
         }
-        let scope = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .and_then(|token| state.tokens.scope_of(token.trim()));
+        let scope = bearer_token(&parts.headers).and_then(|token| state.tokens.scope_of(token));
         scope.map(Caller).ok_or_else(|| {
             failures.with_label_values(&["wrong_token"]).inc();
             state.auth_failures.record(peer, "wrong_token");
